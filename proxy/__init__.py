@@ -1,0 +1,1 @@
+"""authproxy: an authenticating egress proxy."""

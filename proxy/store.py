@@ -16,6 +16,7 @@ Nothing in a store ever deletes a refresh token on error; only `seed` and a succ
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Protocol
 
 from proxy.models import AccessToken, ChainKey, ChainRecord, CredentialState, HistoryEvent, Secret
@@ -54,7 +55,10 @@ class ChainStore(Protocol):
         ...
 
     async def wait_for_change(
-        self, key: ChainKey, version: int, timeout: float
+        self,
+        key: ChainKey,
+        version: int,
+        timeout: float,  # noqa: ASYNC109 -- returns the record on timeout, never raises
     ) -> ChainRecord | None:
         """Wait until the chain's version is greater than `version` (or its lease is free),
         at most `timeout` seconds; return the current record (which may be unchanged)."""
@@ -173,3 +177,39 @@ def event_from_json(text: str | bytes) -> HistoryEvent:
         token_fingerprint=d.get("token"),
         detail=d.get("detail"),
     )
+
+
+# Rules every store applies the same way.
+
+
+def seeded_record(
+    key: ChainKey, refresh_token: Secret, previous: ChainRecord | None
+) -> ChainRecord:
+    """The record `seed` writes over `previous` (None when the chain is new).
+
+    A fresh start: state ok, no access token, no error, not rotating. `last_refresh_at`
+    is kept, because it is a fact about the past that `status` still shows.
+    """
+    return ChainRecord(
+        key=key,
+        refresh_token=refresh_token,
+        version=previous.version + 1 if previous is not None else 1,
+        state=CredentialState.OK,
+        updated_at=time.time(),
+        last_refresh_at=previous.last_refresh_at if previous is not None else None,
+    )
+
+
+def check_next_version(record: ChainRecord, expected_version: int) -> None:
+    """A compare-and-set must write exactly the next version. Anything else is a caller
+    bug, refused loudly (ValueError) rather than reported as "the chain moved"."""
+    if record.version != expected_version + 1:
+        raise ValueError(
+            f"compare_and_set for {record.key}: record.version must be expected_version + 1 "
+            f"({expected_version + 1}), got {record.version}"
+        )
+
+
+def check_lease_ttl(ttl: float) -> None:
+    if not ttl > 0:
+        raise ValueError(f"lease ttl must be positive seconds, got {ttl!r}")

@@ -1,0 +1,119 @@
+"""The admin port (SPEC section 5): health, readiness, metrics, credential state and seeding."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from proxy.errors import StoreError
+from proxy.logs import event
+from proxy.models import ChainKey, Secret
+
+if TYPE_CHECKING:
+    from proxy.runtime import Runtime
+
+log = logging.getLogger("authproxy.admin")
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+@web.middleware
+async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/admin"):
+        runtime = request.app[RUNTIME]
+        expected = runtime.admin_token()
+        if expected is not None:
+            header = request.headers.get("Authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected.encode()):
+                return web.json_response(
+                    {"error": "unauthorized", "message": "send Authorization: Bearer <admin token>"},
+                    status=401, headers={"WWW-Authenticate": 'Bearer realm="authproxy-admin"'},
+                )
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready, checks = await request.app[RUNTIME].readiness()
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[RUNTIME].metrics_text()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def list_credentials(request: web.Request) -> web.Response:
+    creds = await request.app[RUNTIME].credential_status()
+    return web.json_response({"credentials": creds})
+
+
+async def seed(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    name = request.match_info["name"]
+    cred = runtime.config.credentials.get(name)
+    if cred is None:
+        return _json_error(404, "not_found", f"no credential named {name!r}")
+    if cred.grant != "refresh_token":
+        return _json_error(400, "bad_request", f"{name} uses {cred.grant}; only refresh_token chains are seeded")
+    try:
+        body: Any = await request.json(loads=json.loads)
+    except (ValueError, UnicodeDecodeError):
+        return _json_error(400, "bad_request", "the body must be JSON: {\"refresh_token\": ..., \"subject\": ...}")
+    if not isinstance(body, dict):
+        return _json_error(400, "bad_request", "the body must be a JSON object")
+    token = body.get("refresh_token")
+    subject = body.get("subject")
+    if not isinstance(token, str) or not token.strip():
+        return _json_error(400, "bad_request", "refresh_token must be a non-empty string")
+    if subject is not None and (not isinstance(subject, str) or not subject or len(subject) > 256):
+        return _json_error(400, "bad_request", "subject must be a string of 1-256 characters")
+    if subject is not None and not cred.subject_header:
+        return _json_error(400, "bad_request", f"{name} has no subject_header; omit subject")
+    unknown = set(body) - {"refresh_token", "subject"}
+    if unknown:
+        return _json_error(400, "bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
+    try:
+        await runtime.seed(ChainKey(name, subject), Secret(token.strip()))
+    except StoreError as exc:
+        return _json_error(503, "store_unavailable", str(exc))
+    event(log, logging.INFO, "seed", "chain seeded through the admin API", credential=name,
+          subject_chain=subject is not None)
+    return web.Response(status=204)
+
+
+async def refresh(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    name = request.match_info["name"]
+    if name not in runtime.config.credentials:
+        return _json_error(404, "not_found", f"no credential named {name!r}")
+    subject = request.query.get("subject")
+    started = runtime.refresh_now(ChainKey(name, subject))
+    return web.json_response({"credential": name, "started": started}, status=202)
+
+
+def admin_app(runtime: Runtime) -> web.Application:
+    app = web.Application(middlewares=[admin_auth], client_max_size=64 * 1024)
+    app[RUNTIME] = runtime
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/credentials", list_credentials)
+    app.router.add_put("/admin/credentials/{name}/refresh-token", seed)
+    app.router.add_post("/admin/credentials/{name}/refresh", refresh)
+    return app

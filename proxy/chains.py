@@ -1,0 +1,297 @@
+"""Token sources: client credentials, and rotating refresh-token chains kept in a store.
+
+The rotation protocol (`RefreshChainSource.fetch`), in order; the order is load-bearing:
+1. read the record: `reauth_required` answers at once, without calling the provider;
+2. a usable access token left by another process is taken as is;
+3. take the chain's lease, or wait (bounded) for its holder to move the chain;
+4. re-read under the lease, then write the intent (`rotating_since`) with compare-and-set, so
+   that a process killed during the call leaves a visible trace;
+5. call the provider with the stored refresh token; transient failures are retried with the
+   SAME token, only within the provider's reuse window (`rotation_grace`);
+6. compare-and-set the new refresh token, and only then hand out the new access token;
+7. `invalid_grant`: re-read (another process may have rotated) and use the newer chain;
+   otherwise mark `reauth_required` and keep the refresh token for diagnosis.
+Nothing is ever deleted on error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+
+from proxy.config import CredentialConfig
+from proxy.errors import (
+    InvalidGrant,
+    ReauthRequired,
+    StoreError,
+    TokenEndpointError,
+    TokenUnavailable,
+)
+from proxy.logs import event
+from proxy.metrics import Metrics
+from proxy.models import AccessToken, ChainKey, ChainRecord, CredentialState, HistoryEvent, Secret
+from proxy.oauth import TokenEndpoint
+from proxy.store import ChainStore
+
+log = logging.getLogger("authproxy.chains")
+
+SHARED_SUBJECT = "\x00shared"
+MAX_CHAIN_MOVES = 3
+
+
+def _owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class ClientCredentialsSource:
+    """`grant: client_credentials`; with `share: true` the token is shared through the store."""
+
+    def __init__(self, endpoint: TokenEndpoint, store: ChainStore | None = None) -> None:
+        self.endpoint = endpoint
+        self.cred = endpoint.cred
+        self.store = store if self.cred.share else None
+
+    async def fetch(self, key: ChainKey, *, reject: AccessToken | None) -> AccessToken:
+        if self.store is None:
+            return (await self.endpoint.client_credentials()).access_token
+        return await self._fetch_shared(reject)
+
+    async def _fetch_shared(self, reject: AccessToken | None) -> AccessToken:
+        """One fetch per expiry for the whole fleet: lease, re-check, fetch, publish."""
+        assert self.store is not None
+        name = self.cred.name
+        lease_key = ChainKey(name, SHARED_SUBJECT)
+        owner = _owner_id()
+        deadline = time.monotonic() + self.cred.timeout * 2
+        while True:
+            shared = await self.store.get_shared_token(name)
+            now = time.time()
+            if _fresh(shared, now, reject):
+                assert shared is not None
+                return shared
+            if await self.store.acquire_lease(lease_key, owner, self.cred.timeout + 5):
+                break
+            if time.monotonic() > deadline:
+                # The holder is stuck or gone: fetch our own rather than fail the request.
+                return (await self.endpoint.client_credentials()).access_token
+            await asyncio.sleep(0.05)  # bounded poll for another replica's token
+        try:
+            shared = await self.store.get_shared_token(name)
+            if _fresh(shared, time.time(), reject):
+                assert shared is not None
+                return shared
+            token = (await self.endpoint.client_credentials()).access_token
+            try:
+                await self.store.put_shared_token(name, token)
+            except StoreError as exc:
+                event(log, logging.WARNING, "token", f"could not share the token: {exc}", credential=name)
+            return token
+        finally:
+            try:
+                await self.store.release_lease(lease_key, owner)
+            except StoreError:
+                pass  # the lease expires by itself
+
+
+def _fresh(token: AccessToken | None, now: float, reject: AccessToken | None) -> bool:
+    if token is None or not token.usable(now) or token.due(now):
+        return False
+    return reject is None or token.value != reject.value
+
+
+class RefreshChainSource:
+    """`grant: refresh_token`: one rotating chain per key, durable in the store."""
+
+    def __init__(
+        self,
+        endpoint: TokenEndpoint,
+        store: ChainStore,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.endpoint = endpoint
+        self.cred: CredentialConfig = endpoint.cred
+        self.store = store
+        self._metrics = metrics
+        self._clock = clock
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"<RefreshChainSource {self.cred.name} store={self.store.kind}>"
+
+    @property
+    def lease_ttl(self) -> float:
+        # Longer than one provider call with its retries, so a live holder never loses it.
+        return self._call_budget + 10.0
+
+    @property
+    def _call_budget(self) -> float:
+        grace = self.cred.rotation_grace
+        return min(self.cred.timeout, grace * 0.8) if grace > 0 else self.cred.timeout
+
+    async def fetch(self, key: ChainKey, *, reject: AccessToken | None) -> AccessToken:
+        owner = _owner_id()
+        rec = await self._read(key)
+        if _fresh(rec.access_token, self._clock(), reject):
+            assert rec.access_token is not None
+            return rec.access_token
+        deadline = time.monotonic() + self.lease_ttl + 5.0
+        while not await self.store.acquire_lease(key, owner, self.lease_ttl):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TokenUnavailable(
+                    f"another process has been refreshing {key} for too long", retry_after=1.0
+                )
+            moved = await self.store.wait_for_change(key, rec.version, min(remaining, 1.0))
+            if moved is not None:
+                rec = moved
+                _check_state(rec)
+                if _fresh(rec.access_token, self._clock(), reject):
+                    assert rec.access_token is not None
+                    return rec.access_token
+        try:
+            return await self._rotate_under_lease(key, reject)
+        finally:
+            try:
+                await self.store.release_lease(key, owner)
+            except StoreError:
+                pass  # the lease expires by itself
+
+    async def _read(self, key: ChainKey) -> ChainRecord:
+        rec = await self.store.get(key)
+        if rec is None:
+            who = f" --subject {key.subject}" if key.subject else ""
+            raise ReauthRequired(
+                f"no refresh token is stored for {key}; seed one with "
+                f"`authproxy seed {key.credential}{who}`"
+            )
+        _check_state(rec)
+        return rec
+
+    async def _rotate_under_lease(self, key: ChainKey, reject: AccessToken | None) -> AccessToken:
+        for _ in range(MAX_CHAIN_MOVES):
+            rec = await self._read(key)
+            now = self._clock()
+            if _fresh(rec.access_token, now, reject):
+                assert rec.access_token is not None
+                return rec.access_token
+            if rec.rotating_since is not None:
+                # A previous holder died mid-call: the provider may or may not have rotated.
+                await self._history(key, "interrupted", "unknown", rec.refresh_token,
+                                    f"rotation by pid {rec.rotating_pid} at "
+                                    f"{_iso(rec.rotating_since)} never finished; retrying with "
+                                    "the same refresh token")
+            intent = replace(rec, version=rec.version + 1, rotating_since=now,
+                             rotating_pid=self._pid, updated_at=now)
+            if not await self.store.compare_and_set(intent, expected_version=rec.version):
+                continue  # the chain moved under us (an expired lease): read again
+            return await self._call_provider(key, intent)
+        raise TokenUnavailable(f"the chain {key} keeps moving; try again", retry_after=1.0)
+
+    async def _call_provider(self, key: ChainKey, rec: ChainRecord) -> AccessToken:
+        grace = self.cred.rotation_grace
+        try:
+            resp = await self.endpoint.refresh(
+                rec.refresh_token, budget=self._call_budget, retry=grace > 0
+            )
+        except InvalidGrant as exc:
+            return await self._on_invalid_grant(key, rec, exc)
+        except TokenEndpointError as exc:
+            # Outcome unknown (maybe committed, answer lost): keep the token, clear the intent;
+            # the next attempt retries with the same token.
+            now = self._clock()
+            kept = replace(rec, version=rec.version + 1, rotating_since=None, rotating_pid=None,
+                           last_error=str(exc), updated_at=now)
+            await self._cas_quietly(kept, rec.version)
+            await self._history(key, "failure", exc.outcome, rec.refresh_token, str(exc))
+            raise
+        now = self._clock()
+        new_refresh = resp.refresh_token or rec.refresh_token  # non-rotating providers
+        new = ChainRecord(
+            key=key,
+            refresh_token=new_refresh,
+            version=rec.version + 1,
+            state=CredentialState.OK,
+            access_token=resp.access_token,
+            updated_at=now,
+            last_refresh_at=now,
+            last_error=None,
+        )
+        if not await self.store.compare_and_set(new, expected_version=rec.version):
+            # Our lease expired while we waited on the provider and another process moved the
+            # chain. Its write wins; ours is dropped, loudly, so history shows the race.
+            await self._history(key, "conflict", "lost_race", new_refresh,
+                                "the chain moved while this process was rotating it")
+            event(log, logging.ERROR, "rotation", "the chain moved during a rotation",
+                  credential=key.credential)
+            return resp.access_token
+        self._metrics.rotations.labels(key.credential).inc()
+        if resp.refresh_token is not None:
+            await self._history(key, "rotate", "success", new_refresh,
+                                f"replaced {rec.refresh_token.fingerprint()}")
+        else:
+            await self._history(key, "refresh", "success", new_refresh, "refresh token kept")
+        return resp.access_token
+
+    async def _on_invalid_grant(self, key: ChainKey, rec: ChainRecord, exc: InvalidGrant) -> AccessToken:
+        current = await self.store.get(key)
+        if current is not None and current.refresh_token != rec.refresh_token:
+            # Another process rotated (or someone seeded) meanwhile: use the newer chain.
+            _check_state(current)
+            if current.access_token is not None and current.access_token.usable(self._clock()):
+                return current.access_token
+            raise TokenUnavailable(f"the chain {key} moved; retrying", retry_after=1.0) from exc
+        interrupted = rec.rotating_pid is not None and rec.rotating_pid != self._pid
+        reason = (
+            "the provider refused the refresh token (invalid_grant)"
+            + (": an interrupted rotation may have rotated it and the new token never arrived"
+               if interrupted else "")
+            + f"; seed a new one with `authproxy seed {key.credential}"
+            + (f" --subject {key.subject}`" if key.subject else "`")
+        )
+        dead = replace(rec, version=rec.version + 1, state=CredentialState.REAUTH_REQUIRED,
+                       rotating_since=None, rotating_pid=None, last_error=reason,
+                       access_token=None, updated_at=self._clock())
+        await self._cas_quietly(dead, rec.version)
+        await self._history(key, "reauth_required", "invalid_grant", rec.refresh_token, reason)
+        raise ReauthRequired(reason) from exc
+
+    async def _cas_quietly(self, record: ChainRecord, expected: int) -> None:
+        try:
+            await self.store.compare_and_set(record, expected_version=expected)
+        except StoreError as exc:
+            event(log, logging.WARNING, "store", f"could not record the chain state: {exc}",
+                  credential=record.key.credential)
+
+    async def _history(self, key: ChainKey, name: str, outcome: str, token: Secret | None,
+                       detail: str | None) -> None:
+        ev = HistoryEvent(at=self._clock(), event=name, outcome=outcome, pid=self._pid,
+                          token_fingerprint=token.fingerprint() if token else None, detail=detail)
+        try:
+            await self.store.add_history(key, ev)
+        except StoreError as exc:
+            event(log, logging.WARNING, "store", f"could not write chain history: {exc}",
+                  credential=key.credential)
+
+    async def seed(self, key: ChainKey, refresh_token: Secret) -> ChainRecord:
+        """Store the first refresh token of a chain (or replace a dead one)."""
+        rec = await self.store.seed(key, refresh_token)
+        await self._history(key, "seed", "success", refresh_token, None)
+        return rec
+
+
+def _check_state(rec: ChainRecord) -> None:
+    if rec.state is CredentialState.REAUTH_REQUIRED:
+        raise ReauthRequired(
+            rec.last_error or f"the chain {rec.key} needs a new refresh token (authproxy seed)"
+        )
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

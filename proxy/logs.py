@@ -1,0 +1,218 @@
+"""JSON-lines logging on stderr, with redaction that no code path can skip.
+
+Three layers keep secrets out (SPEC section 7):
+1. `redact_headers` / `redact_query` for what we choose to log;
+2. `Scrubber`, a logging filter over every record (message, args, exception text and
+   traceback), replacing every secret value the process knows: config secrets by substring,
+   tokens obtained at run time by a set lookup of token-shaped runs (cheap with many tokens);
+3. records are written by a thread behind a queue, so logging never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import queue
+import re
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import IO, Any, Final
+from urllib.parse import parse_qsl, urlencode
+
+REDACTED: Final = "[REDACTED]"
+SENSITIVE_HEADERS: Final = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"}
+)
+SENSITIVE_QUERY: Final = frozenset(
+    {
+        "access_token", "refresh_token", "id_token", "code", "client_secret", "client_assertion",
+        "assertion", "password", "token", "api_key", "apikey", "key", "secret", "signature", "sig",
+    }
+)
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9\-._~+/=]{8,}")
+_UNRESERVED_RUN = re.compile(r"[A-Za-z0-9\-._~]{8,}")
+_MIN_SECRET_LEN: Final = 6
+
+
+def redact_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {
+        k: (REDACTED if k.lower() in SENSITIVE_HEADERS else v) for k, v in headers
+    }
+
+
+def redact_query(path_qs: str) -> str:
+    """`/x?code=abc&y=1` -> `/x?code=[REDACTED]&y=1`; paths without a query are untouched."""
+    path, sep, query = path_qs.partition("?")
+    if not sep:
+        return path_qs
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if not any(k.lower() in SENSITIVE_QUERY for k, _ in pairs):
+        return path_qs
+    safe = [(k, REDACTED if k.lower() in SENSITIVE_QUERY else v) for k, v in pairs]
+    return f"{path}?{urlencode(safe, safe='[]')}"
+
+
+class Scrubber(logging.Filter):
+    """Replaces every known secret value in a record with `[REDACTED]`.
+
+    `static` secrets (client secrets, admin token, key material) are few and may hold any
+    character: matched by substring. Run-time tokens are many: matched as whole token-shaped
+    runs against a bounded set, so the cost per record does not grow with the number of tokens.
+    """
+
+    def __init__(self, max_tokens: int = 200_000) -> None:
+        super().__init__()
+        self._static: tuple[str, ...] = ()
+        self._static_sources: list[Callable[[], Iterable[str]]] = []
+        self._tokens: OrderedDict[str, None] = OrderedDict()
+        self._max_tokens = max_tokens
+
+    def add_static_source(self, source: Callable[[], Iterable[str]]) -> None:
+        """A callable returning current static secrets (re-read by `refresh_static`)."""
+        self._static_sources.append(source)
+        self.refresh_static()
+
+    def refresh_static(self) -> None:
+        values: set[str] = set()
+        for source in self._static_sources:
+            try:
+                values.update(v for v in source() if len(v) >= _MIN_SECRET_LEN)
+            except Exception:  # noqa: S112 - an unreadable secret must not stop logging
+                continue
+            # PEM blocks: also scrub each base64 line, since a library may print one.
+            for v in list(values):
+                if "-----BEGIN" in v:
+                    values.update(
+                        line.strip() for line in v.splitlines() if len(line.strip()) >= 16
+                    )
+        # Longest first, so a secret that contains another is replaced whole.
+        self._static = tuple(sorted(values, key=len, reverse=True))
+
+    def add_token(self, value: str) -> None:
+        if len(value) < _MIN_SECRET_LEN:
+            return
+        self._tokens[value] = None
+        self._tokens.move_to_end(value)
+        while len(self._tokens) > self._max_tokens:
+            self._tokens.popitem(last=False)
+
+    def scrub(self, text: str) -> str:
+        for secret in self._static:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if self._tokens:
+            tokens = self._tokens
+
+            def sub(m: re.Match[str]) -> str:
+                run = m.group(0)
+                if run in tokens:
+                    return REDACTED
+                return _UNRESERVED_RUN.sub(lambda n: REDACTED if n.group(0) in tokens else n.group(0), run)
+
+            text = _TOKEN_RUN.sub(sub, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg = self.scrub(message)
+        record.args = None
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        record.exc_info = None
+        if record.stack_info:
+            record.stack_info = self.scrub(record.stack_info)
+        fields = getattr(record, "fields", None)
+        if fields:
+            record.fields = {k: self._scrub_value(v) for k, v in fields.items()}
+        return True
+
+    def _scrub_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, Mapping):
+            return {k: self._scrub_value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._scrub_value(v) for v in value]
+        return value
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, event, then the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None) or {}
+        out: dict[str, Any] = {
+            "ts": _iso(record.created),
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", None) or "log",
+        }
+        msg = record.getMessage()
+        if msg:
+            out["message"] = msg
+        out.update(fields)
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        if out["event"] == "log":
+            out["logger"] = record.name
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def event(logger: logging.Logger, level: int, name: str, message: str = "", **fields: Any) -> None:
+    """Log an event line: `event(log, logging.INFO, "token", credential="x", outcome="success")`."""
+    if logger.isEnabledFor(level):
+        logger.log(level, message, extra={"event": name, "fields": fields})
+
+
+_SCRUBBER = Scrubber()
+
+
+def scrubber() -> Scrubber:
+    """The process-wide scrubber: the token engine registers tokens here as it obtains them."""
+    return _SCRUBBER
+
+
+class _ScrubbingQueueHandler(logging.handlers.QueueHandler):
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # The scrubber already merged message and args; keep the record as is for the formatter
+        # on the writer thread (QueueHandler.prepare would format it with the default formatter).
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def setup_logging(level: str = "info", stream: IO[str] | None = None) -> None:
+    """Route every logger (ours and libraries') through the scrubber to JSON lines on stderr."""
+    global _listener
+    shutdown_logging()
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    qh = _ScrubbingQueueHandler(q)
+    qh.addFilter(_SCRUBBER)
+    out = logging.StreamHandler(stream or sys.stderr)
+    out.setFormatter(JsonFormatter())
+    _listener = logging.handlers.QueueListener(q, out, respect_handler_level=False)
+    _listener.start()
+    root.addHandler(qh)
+    root.setLevel(level.upper())
+    # aiohttp's own access log duplicates ours and has no redaction.
+    logging.getLogger("aiohttp.access").disabled = True
+
+
+def shutdown_logging() -> None:
+    """Flush queued records (call before exit)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None

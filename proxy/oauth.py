@@ -1,0 +1,332 @@
+"""One credential's token endpoint: build the request, send it with bounded retries, and turn
+the answer into an `AccessToken` or a `TokenEndpointError` (RFC 6749 sections 4.4, 5, 6).
+
+Retries (aiohttp-retry): exponential backoff with full jitter on 5xx, 429 and connection
+failures, honouring `Retry-After`, all inside one time budget. Permanent OAuth errors
+(`invalid_grant`, `invalid_client`, ...) are never retried here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+from aiohttp_retry import RetryClient, RetryOptionsBase
+
+from proxy.clientauth import AUTH_STEPS, USES_CLIENT_SECRET, TokenRequestParts
+from proxy.config import CredentialConfig
+from proxy.errors import (
+    PERMANENT_OAUTH_ERRORS,
+    InvalidClient,
+    MalformedTokenResponse,
+    TokenEndpointError,
+    TokenNetworkError,
+    TokenTimeout,
+    TransientTokenError,
+)
+from proxy.logs import event, scrubber
+from proxy.metrics import Metrics
+from proxy.models import AccessToken, Secret
+
+log = logging.getLogger("authproxy.oauth")
+
+MAX_BODY: Final = 256 * 1024
+CLOCK_SKEW_WARN_SECONDS: Final = 30.0
+MAX_RETRY_AFTER: Final = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResponse:
+    """A validated token response."""
+
+    access_token: AccessToken
+    refresh_token: Secret | None
+    clock_offset: float | None  # provider clock minus ours, from the Date header
+
+
+class ProviderRetry(RetryOptionsBase):
+    """Exponential backoff with full jitter, honouring `Retry-After` (capped)."""
+
+    def __init__(self, attempts: int, base: float = 0.2, cap: float = 5.0) -> None:
+        super().__init__(
+            attempts=attempts,
+            statuses={429},
+            exceptions={aiohttp.ClientConnectionError, asyncio.TimeoutError},
+            methods={"POST"},
+            retry_all_server_errors=True,
+        )
+        self.base = base
+        self.cap = cap
+
+    def get_timeout(self, attempt: int, response: aiohttp.ClientResponse | None = None) -> float:
+        if response is not None:
+            after = parse_retry_after(response.headers.get("Retry-After"))
+            response.release()
+            if after is not None:
+                return min(after, MAX_RETRY_AFTER)
+        return random.uniform(0, min(self.cap, self.base * 2**attempt))  # noqa: S311
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class TokenEndpoint:
+    """Calls one credential's token endpoint. Holds no token state: that is the cache's job."""
+
+    def __init__(
+        self,
+        cred: CredentialConfig,
+        session: Callable[[], aiohttp.ClientSession],
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cred = cred
+        self._session = session
+        self._metrics = metrics
+        self._clock = clock
+        self._secret_index = 0  # which of client_secret / client_secret_next worked last
+
+    def __repr__(self) -> str:
+        return f"<TokenEndpoint {self.cred.name} {self.cred.token_url} {self.cred.auth_method}>"
+
+    async def client_credentials(self, *, budget: float | None = None) -> TokenResponse:
+        form = {"grant_type": "client_credentials"}
+        return await self.request(form, budget=budget)
+
+    async def refresh(self, refresh_token: Secret, *, budget: float | None = None, retry: bool = True) -> TokenResponse:
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
+        return await self.request(form, budget=budget, retry=retry)
+
+    def _secrets(self) -> list[Secret | None]:
+        if self.cred.auth_method not in USES_CLIENT_SECRET:
+            return [None]
+        refs = [r for r in (self.cred.client_secret, self.cred.client_secret_next) if r is not None]
+        secrets: list[Secret | None] = []
+        for ref in refs:
+            try:
+                secrets.append(ref.resolve())
+            except (OSError, KeyError) as exc:
+                event(log, logging.WARNING, "token", f"cannot read a client secret ({ref.describe()}): {exc}",
+                      credential=self.cred.name)
+        if not secrets:
+            raise InvalidClient("client_secret_unreadable", f"no readable client secret for {self.cred.name}")
+        # Try the secret that worked last first: rotation flips the order once, not per call.
+        i = self._secret_index % len(secrets)
+        return secrets[i:] + secrets[:i]
+
+    async def request(
+        self, grant_form: dict[str, str], *, budget: float | None = None, retry: bool = True
+    ) -> TokenResponse:
+        """One token request (with retries and secret fallback); raises TokenEndpointError."""
+        budget = self.cred.timeout if budget is None else budget
+        secrets = self._secrets()
+        last: TokenEndpointError | None = None
+        for n, secret in enumerate(secrets):
+            try:
+                resp = await self._send(grant_form, secret, budget=budget, retry=retry)
+            except InvalidClient as exc:
+                last = exc
+                if n + 1 < len(secrets):
+                    event(log, logging.WARNING, "token", "client secret refused; trying the other one",
+                          credential=self.cred.name)
+                continue
+            if n:
+                self._secret_index += n
+                event(log, logging.WARNING, "token", "switched to the other client secret",
+                      credential=self.cred.name)
+            return resp
+        assert last is not None
+        raise last
+
+    def _parts(self, grant_form: dict[str, str], secret: Secret | None) -> TokenRequestParts:
+        form = dict(grant_form)
+        if self.cred.scopes:
+            form["scope"] = " ".join(self.cred.scopes)
+        if self.cred.audience:
+            form["audience"] = self.cred.audience
+        if self.cred.resource:
+            form["resource"] = self.cred.resource
+        form.update(self.cred.extra_params)
+        parts = TokenRequestParts(form=form, headers={"Accept": "application/json"})
+        AUTH_STEPS[self.cred.auth_method](self.cred, parts, secret)
+        return parts
+
+    async def _send(
+        self, grant_form: dict[str, str], secret: Secret | None, *, budget: float, retry: bool
+    ) -> TokenResponse:
+        parts = self._parts(grant_form, secret)
+        attempts = 4 if retry else 1
+        client = RetryClient(
+            client_session=self._session(), retry_options=ProviderRetry(attempts), logger=log
+        )
+        started = time.monotonic()
+        sent_at = self._clock()
+        outcome = "success"
+        try:
+            async with asyncio.timeout(budget):
+                async with client.post(
+                    str(self.cred.token_url),
+                    data=parts.form,
+                    headers=parts.headers,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=budget, sock_connect=min(budget, 5.0)),
+                ) as resp:
+                    body = await resp.content.read(MAX_BODY + 1)
+                    result = self._parse(resp, body, sent_at)
+            return result
+        except TokenEndpointError as exc:
+            outcome = exc.outcome
+            raise
+        except TimeoutError as exc:
+            outcome = "timeout"
+            raise TokenTimeout("timeout", f"no answer from the token endpoint of {self.cred.name} "
+                               f"within {budget:g}s") from exc
+        except aiohttp.ClientError as exc:
+            outcome = "network_error"
+            raise TokenNetworkError("network_error", f"{type(exc).__name__} talking to the token "
+                                    f"endpoint of {self.cred.name}") from exc
+        finally:
+            elapsed = time.monotonic() - started
+            self._metrics.token_requests.labels(self.cred.name, outcome).inc()
+            self._metrics.token_request_duration.labels(self.cred.name).observe(elapsed)
+            event(log, logging.INFO if outcome == "success" else logging.WARNING, "token",
+                  credential=self.cred.name, grant=grant_form.get("grant_type"), outcome=outcome,
+                  duration_ms=round(elapsed * 1000, 1))
+
+    def _parse(self, resp: aiohttp.ClientResponse, body: bytes, sent_at: float) -> TokenResponse:
+        """Classify and validate one answer (RFC 6749 5.1 and 5.2)."""
+        received = self._clock()
+        status = resp.status
+        data: Any = None
+        try:
+            data = json.loads(body) if len(body) <= MAX_BODY else None
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, str) and error:
+            desc = data.get("error_description") if isinstance(data.get("error_description"), str) else None
+            cls = PERMANENT_OAUTH_ERRORS.get(error)
+            if cls is not None:
+                raise cls(error, desc, status=status)
+            if status >= 500 or status == 429 or error in ("temporarily_unavailable", "server_error"):
+                raise TransientTokenError(error, desc, status=status,
+                                          retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+            raise TokenEndpointError(error, desc, status=status)
+        if status >= 500 or status == 429:
+            raise TransientTokenError("http_error", f"HTTP {status} from the token endpoint", status=status,
+                                      retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+        if status == 401:
+            raise InvalidClient("invalid_client", "HTTP 401 without an OAuth error body", status=status)
+        if status != 200:
+            raise TransientTokenError("http_error", f"HTTP {status} from the token endpoint", status=status)
+        if not isinstance(data, dict):
+            raise MalformedTokenResponse("malformed", "the token response is not a JSON object", status=status)
+        access = data.get("access_token")
+        if not isinstance(access, str) or not access:
+            raise MalformedTokenResponse("malformed", "the token response has no access_token", status=status)
+        scrubber().add_token(access)
+        token_type = data.get("token_type", "Bearer")
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
+            raise MalformedTokenResponse("malformed", f"unsupported token_type {str(token_type)[:20]!r}",
+                                         status=status)
+        refresh = data.get("refresh_token")
+        if refresh is not None and (not isinstance(refresh, str) or not refresh):
+            raise MalformedTokenResponse("malformed", "refresh_token is not a string", status=status)
+        if isinstance(refresh, str):
+            scrubber().add_token(refresh)
+        offset = self._clock_offset(resp, sent_at, received)
+        expires_in = self._expires_in(data.get("expires_in"))
+        expires_at = received + expires_in
+        # A JWT access token's own exp wins when earlier (corrected by the provider's clock offset).
+        jwt_exp = _jwt_exp(access)
+        if jwt_exp is not None:
+            local_exp = jwt_exp - (offset or 0.0)
+            if received < local_exp < expires_at:
+                expires_at = local_exp
+        token = AccessToken(
+            value=Secret(access),
+            issued_at=received,
+            expires_at=expires_at,
+            skew=self.cred.skew,
+            scope=data.get("scope") if isinstance(data.get("scope"), str) else None,
+        )
+        return TokenResponse(token, Secret(refresh) if isinstance(refresh, str) else None, offset)
+
+    def _expires_in(self, raw: object) -> float:
+        default = self.cred.default_expires_in
+        value: float | None = None
+        if isinstance(raw, bool):
+            value = None
+        elif isinstance(raw, int | float):
+            value = float(raw)
+        elif isinstance(raw, str):
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                value = None
+        if value is None or value != value:  # None or NaN
+            event(log, logging.WARNING, "token", f"expires_in missing or unreadable; assuming {default:g}s",
+                  credential=self.cred.name)
+            return default
+        if value <= 0:
+            event(log, logging.WARNING, "token", f"expires_in is {value:g}; assuming {default:g}s",
+                  credential=self.cred.name)
+            return default
+        if value > self.cred.max_expires_in:
+            event(log, logging.WARNING, "token",
+                  f"expires_in {value:g}s is absurd; capping at {self.cred.max_expires_in:g}s",
+                  credential=self.cred.name)
+            return self.cred.max_expires_in
+        return value
+
+    def _clock_offset(self, resp: aiohttp.ClientResponse, sent_at: float, received: float) -> float | None:
+        date = resp.headers.get("Date")
+        if not date:
+            return None
+        try:
+            provider = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return None
+        # The Date header has one-second resolution: offsets within the round trip + 1 s are noise.
+        midpoint = (sent_at + received) / 2
+        offset = provider - midpoint
+        if abs(offset) <= (received - sent_at) / 2 + 1.0:
+            offset = 0.0
+        self._metrics.clock_offset.labels(self.cred.name).set(offset)
+        if abs(offset) > CLOCK_SKEW_WARN_SECONDS:
+            event(log, logging.WARNING, "clock",
+                  f"the token endpoint's clock is {offset:+.0f}s from ours", credential=self.cred.name,
+                  offset_seconds=round(offset, 1))
+        return offset
+
+
+def _jwt_exp(token: str) -> float | None:
+    """`exp` of a JWT-shaped token, read without verification (we only use it to expire sooner)."""
+    if token.count(".") != 2:
+        return None
+    payload = token.split(".")[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None

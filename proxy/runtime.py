@@ -1,0 +1,361 @@
+"""The composition root: builds every part from a `Config`, serves both ports, reloads on
+SIGHUP, drains on SIGTERM. The only module that constructs concrete classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+
+from proxy.admin import admin_app
+from proxy.chains import ClientCredentialsSource, RefreshChainSource
+from proxy.config import Config, CredentialConfig, load_config
+from proxy.errors import ConfigError, StoreError
+from proxy.logs import event, scrubber
+from proxy.metrics import Metrics
+from proxy.models import ChainKey, CredentialState, Secret, rfc3339
+from proxy.oauth import TokenEndpoint
+from proxy.pipeline import Pipeline
+from proxy.routing import Router
+from proxy.server import ProxyHandler
+from proxy.store import ChainStore
+from proxy.stores import open_store
+from proxy.tasks import TaskOwner
+from proxy.tlsconfig import TlsError, build_context, certificate_not_after
+from proxy.tokens import TokenCache, TokenSource
+
+log = logging.getLogger("authproxy.runtime")
+
+MAINTENANCE_INTERVAL: Final = 5.0
+CERT_WARN_SECONDS: Final = 14 * 86400
+
+
+def check_tls_files(config: Config) -> list[str]:
+    """Load every configured TLS identity once; return problems worded with their field path."""
+    problems = []
+    for name, cred in config.credentials.items():
+        if cred.tls is not None:
+            try:
+                build_context(cred.tls)
+            except TlsError as exc:
+                problems.append(f"credentials.{name}.tls: {exc}")
+    for i, route in enumerate(config.routes):
+        if route.tls is not None:
+            try:
+                build_context(route.tls)
+            except TlsError as exc:
+                problems.append(f"routes[{i}].tls: {exc}")
+    return problems
+
+
+@dataclass(slots=True)
+class Engine:
+    """What one configuration builds: token sources, cache, router, pipeline."""
+
+    config: Config
+    endpoints: dict[str, TokenEndpoint]
+    chains: dict[str, RefreshChainSource]
+    tokens: TokenCache
+    pipeline: Pipeline
+
+    async def aclose(self) -> None:
+        await self.tokens.aclose()
+
+
+class Runtime:
+    """A running authproxy process (or one worker of it)."""
+
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics(registry)
+        self.store: ChainStore = open_store(config.store)
+        from proxy.transport import SessionPool
+
+        self.sessions = SessionPool()
+        self.engine = self._build(config)
+        self.handler = ProxyHandler(
+            self.engine.pipeline, proxy_users=self._proxy_users,
+        )
+        self._owner = TaskOwner("runtime")
+        self._runners: list[web.BaseRunner] = []
+        self._stopping = asyncio.Event()
+        self.proxy_port: int | None = None
+        self.admin_port: int | None = None
+        self._register_secrets()
+
+    def __repr__(self) -> str:
+        return f"<Runtime store={self.store!r} {self.handler!r}>"
+
+    # -- building -----------------------------------------------------------------------
+
+    def _build(self, config: Config, previous: Engine | None = None) -> Engine:
+        endpoints: dict[str, TokenEndpoint] = {}
+        sources: dict[str, TokenSource] = {}
+        chains: dict[str, RefreshChainSource] = {}
+        for name, cred in config.credentials.items():
+            endpoint = TokenEndpoint(cred, self._session_factory(cred), self.metrics)
+            endpoints[name] = endpoint
+            if cred.grant == "refresh_token":
+                chain = RefreshChainSource(endpoint, self.store, self.metrics)
+                chains[name] = chain
+                sources[name] = chain
+            else:
+                sources[name] = ClientCredentialsSource(endpoint, self.store)
+        tokens = TokenCache(sources, self.metrics)
+        if previous is not None:
+            unchanged = {
+                n for n, c in config.credentials.items() if previous.config.credentials.get(n) == c
+            }
+            tokens.adopt(previous.tokens, unchanged)
+        pipeline = Pipeline(Router(config.routes), tokens, self.sessions, config.credentials, self.metrics)
+        return Engine(config, endpoints, chains, tokens, pipeline)
+
+    def _session_factory(self, cred: CredentialConfig) -> Any:
+        return lambda: self.sessions.session_for(cred.tls)
+
+    def _register_secrets(self) -> None:
+        refs = self.config.secret_refs()
+
+        def values() -> list[str]:
+            out = []
+            for ref in refs:
+                try:
+                    out.append(ref.resolve().reveal())
+                except (OSError, KeyError):
+                    continue
+            return out
+
+        scrubber().add_static_source(values)
+
+    def _proxy_users(self) -> dict[str, str]:
+        users = {}
+        for user, ref in self.config.proxy_auth.items():
+            try:
+                users[user] = ref.resolve().reveal()
+            except (OSError, KeyError):
+                continue
+        return users
+
+    def admin_token(self) -> str | None:
+        ref = self.config.admin_token
+        if ref is None:
+            return None
+        try:
+            return ref.resolve().reveal()
+        except (OSError, KeyError):
+            # Unreadable admin token: refuse everything rather than open the admin API.
+            return os.urandom(32).hex()
+
+    # -- serving ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind both ports and start background maintenance."""
+        for warning in self.config.warnings:
+            event(log, logging.WARNING, "config", warning)
+        cfg = self.config
+        reuse = cfg.workers > 1
+        proxy_runner = web.ServerRunner(
+            web.Server(self.handler, access_log=None), shutdown_timeout=cfg.shutdown_grace,
+            handle_signals=False,
+        )
+        await proxy_runner.setup()
+        self._runners.append(proxy_runner)
+        site = web.TCPSite(
+            proxy_runner, cfg.proxy_listen.host, cfg.proxy_listen.port, reuse_port=reuse or None,
+            backlog=1024,
+        )
+        await site.start()
+        self.proxy_port = _bound_port(proxy_runner)
+        admin_runner = web.AppRunner(admin_app(self), access_log=None, handle_signals=False)
+        await admin_runner.setup()
+        self._runners.append(admin_runner)
+        admin_site = web.TCPSite(admin_runner, cfg.admin_listen.host, cfg.admin_listen.port,
+                                 reuse_port=reuse or None)
+        await admin_site.start()
+        self.admin_port = _bound_port(admin_runner)
+        _ = self._owner.spawn(self._maintenance(), name="maintenance")
+        self._update_cert_metrics()
+        event(log, logging.INFO, "start", "authproxy is serving",
+              proxy=f"{cfg.proxy_listen.host}:{self.proxy_port}",
+              admin=f"{cfg.admin_listen.host}:{self.admin_port}",
+              routes=len(cfg.routes), credentials=len(cfg.credentials), store=cfg.store.kind,
+              pid=os.getpid())
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        await self._stopping.wait()
+        event(log, logging.INFO, "stop", "draining in-flight requests",
+              in_flight=self.handler.in_flight, grace_seconds=self.config.shutdown_grace)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _on_sighup(self) -> None:
+        _ = self._owner.spawn(self.reload_from_file(), name="reload")
+
+    async def reload_from_file(self) -> bool:
+        if self.config.source is None:
+            event(log, logging.WARNING, "config", "SIGHUP ignored: no config file to reload")
+            return False
+        try:
+            new = await asyncio.to_thread(load_config, self.config.source)
+            tls_problems = await asyncio.to_thread(check_tls_files, new)
+            if tls_problems:
+                raise ConfigError([])  # reported below
+        except ConfigError as exc:
+            problems = [str(p) for p in exc.problems] or tls_problems
+            event(log, logging.ERROR, "config", "the new configuration is invalid; keeping the "
+                  "running one", problems=problems)
+            return False
+        self.reload(new)
+        return True
+
+    def reload(self, new: Config) -> None:
+        """Swap in a new configuration; requests in flight finish on the old pipeline."""
+        if new.store != self.config.store or new.proxy_listen != self.config.proxy_listen:
+            event(log, logging.WARNING, "config", "store and listen changes need a restart; "
+                  "they are not applied")
+        old = self.engine
+        self.engine = self._build(new, previous=old)
+        self.config = new
+        self.handler.pipeline = self.engine.pipeline
+        self._register_secrets()
+        scrubber().refresh_static()
+        _ = self._owner.spawn(old.aclose(), name="close old engine")
+        event(log, logging.INFO, "config", "configuration reloaded", routes=len(new.routes),
+              credentials=len(new.credentials))
+
+    async def _maintenance(self) -> None:
+        """Re-read rotated certificate and secret files; refresh certificate metrics."""
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            reloaded = self.sessions.reload_changed()
+            for path in reloaded:
+                event(log, logging.INFO, "tls", "client certificate reloaded", file=path)
+            scrubber().refresh_static()
+            self._update_cert_metrics()
+
+    def _update_cert_metrics(self) -> None:
+        now = time.time()
+        items: list[tuple[str, str, Any]] = [
+            ("credential", n, c.tls) for n, c in self.config.credentials.items()
+        ] + [("route", r.name, r.tls) for r in self.config.routes]
+        for kind, name, tls in items:
+            if tls is None or tls.cert is None:
+                continue
+            try:
+                not_after = certificate_not_after(tls.cert)
+            except TlsError as exc:
+                event(log, logging.WARNING, "tls", str(exc), **{kind: name})
+                continue
+            self.metrics.tls_cert_expiry.labels(kind, name).set(not_after)
+            if not_after - now < CERT_WARN_SECONDS:
+                event(log, logging.WARNING, "tls", "client certificate expires soon",
+                      file=str(tls.cert), expires_at=rfc3339(not_after), **{kind: name})
+
+    async def aclose(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()  # stops accepting, then drains within shutdown_grace
+        self._runners.clear()
+        await self._owner.aclose()
+        await self.engine.aclose()
+        await self.sessions.aclose()
+        await self.store.aclose()
+
+    # -- admin --------------------------------------------------------------------------
+
+    def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {"config": True}
+        try:
+            await asyncio.wait_for(self.store.ping(), 2.0)
+            checks["store"] = True
+        except (StoreError, TimeoutError) as exc:
+            checks["store"] = f"unreachable: {exc}"
+        if self.config.ready_requires_tokens:
+            health = self.engine.tokens.health
+            missing = [n for n, h in health.items() if h.last_refresh_at is None
+                       and self.config.credentials[n].subject_header is None]
+            checks["tokens"] = True if not missing else f"no token yet for {', '.join(sorted(missing))}"
+        return all(v is True for v in checks.values()), checks
+
+    async def seed(self, key: ChainKey, refresh_token: Secret) -> None:
+        chain = self.engine.chains.get(key.credential)
+        if chain is None:
+            raise KeyError(key.credential)
+        await chain.seed(key, refresh_token)
+        self.engine.tokens.forget(key)
+        self.engine.tokens.mark_seeded(key)
+
+    def refresh_now(self, key: ChainKey) -> bool:
+        return self.engine.tokens.refresh_now(key)
+
+    async def credential_status(self) -> list[dict[str, Any]]:
+        return await credential_status(self.config.credentials, self.store, self.engine.tokens)
+
+
+async def credential_status(
+    credentials: Mapping[str, CredentialConfig], store: ChainStore, tokens: TokenCache | None
+) -> list[dict[str, Any]]:
+    """SPEC section 5's credential list, from the live cache and/or the store. Never a token."""
+    out = []
+    for name, cred in credentials.items():
+        health = tokens.health.get(name) if tokens is not None else None
+        item: dict[str, Any] = {
+            "name": name,
+            "grant": cred.grant,
+            "state": health.state.value if health else "unknown",
+            "expires_at": rfc3339(health.expires_at) if health else None,
+            "last_refresh_at": rfc3339(health.last_refresh_at) if health else None,
+            "last_error": health.last_error if health else None,
+            "subjects": 0,
+            "history": [],
+            "auth_method": cred.auth_method,
+        }
+        if cred.tls is not None and cred.tls.insecure_skip_verify:
+            item["insecure_skip_verify"] = True
+        if cred.grant == "refresh_token":
+            try:
+                if cred.subject_header:
+                    item["subjects"] = len(await store.subjects(name))
+                else:
+                    rec = await store.get(ChainKey(name))
+                    if rec is None:
+                        item["state"] = CredentialState.REAUTH_REQUIRED.value
+                        item["last_error"] = f"no refresh token seeded (authproxy seed {name})"
+                    else:
+                        if rec.state is not CredentialState.OK or item["state"] == "unknown":
+                            item["state"] = rec.state.value
+                        item["last_error"] = rec.last_error or item["last_error"]
+                        if rec.last_refresh_at:
+                            item["last_refresh_at"] = rfc3339(rec.last_refresh_at)
+                        if rec.access_token and item["expires_at"] is None:
+                            item["expires_at"] = rfc3339(rec.access_token.expires_at)
+                        if rec.rotating_since is not None:
+                            item["rotating_since"] = rfc3339(rec.rotating_since)
+                    item["history"] = [e.as_dict() for e in await store.history(ChainKey(name), 10)]
+            except StoreError as exc:
+                item["store_error"] = str(exc)
+        out.append(item)
+    return out
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            return int(addr[1])
+    raise RuntimeError("no bound address")

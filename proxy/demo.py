@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any, Final
+from typing import Any, Final, Self
 from urllib.parse import unquote_plus
 
 import jwt
@@ -227,7 +227,10 @@ class _Served(_Counter):
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> _Served:
+    async def __aenter__(self) -> Self:
+        """Start on a free loopback port unless `start()` was already called."""
+        if self._runner is None:
+            await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -725,7 +728,8 @@ class TokenServer(_Served):
         if not self.rotate_refresh_tokens:
             return self._issue(family.subject, family.scope, family)
         if refresh.used_at is not None:
-            if now - refresh.used_at <= self.reuse_grace and refresh.answer is not None:
+            in_grace = self.reuse_grace > 0 and now - refresh.used_at <= self.reuse_grace
+            if in_grace and refresh.answer is not None:
                 self.grace_reuses += 1  # Okta / Lucid: the same new pair again
                 return refresh.answer
             self._revoke_family(family)  # reuse after the window: treat as theft

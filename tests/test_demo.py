@@ -6,14 +6,13 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
 import signal
 import ssl
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
@@ -249,64 +248,76 @@ async def test_private_key_jwt(session, tokens, alg):
     }
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
+@dataclass
+class Tls:
+    """TLS contexts from a trustme CA, built outside the event loop (they read files)."""
+
+    server: ssl.SSLContext
+    clients: dict[str | None, ssl.SSLContext]  # by client certificate CN (None: no certificate)
+    fingerprinted: ssl.SSLContext  # a certificate known only by its SHA-256
+    fingerprint: str
 
 
-def server_context(ca: trustme.CA) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    ca.configure_trust(ctx)
-    ctx.verify_mode = ssl.CERT_OPTIONAL  # other auth methods work without a certificate
-    return ctx
-
-
-def client_context(ca: trustme.CA, cn: str | None) -> ssl.SSLContext:
+def _client_context(ca: trustme.CA, leaf: trustme.LeafCert | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
-    if cn is not None:
-        ca.issue_cert(f"{cn}.clients.example", common_name=cn).configure_cert(ctx)
+    if leaf is not None:
+        leaf.configure_cert(ctx)
     return ctx
 
 
-async def test_tls_client_auth(session, ca):
+@pytest.fixture(scope="module")
+def tls() -> Tls:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    ca.configure_trust(server)
+    server.verify_mode = ssl.CERT_OPTIONAL  # other auth methods work without a certificate
+    clients = {
+        cn: _client_context(
+            ca, ca.issue_cert(f"{cn}.clients.example", common_name=cn) if cn else None
+        )
+        for cn in ("demo-client", "mallory", "svc-a", None)
+    }
+    leaf = ca.issue_cert("fp.clients.example", common_name="not-registered")
+    der = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+    return Tls(server, clients, _client_context(ca, leaf), hashlib.sha256(der).hexdigest())
+
+
+async def test_tls_client_auth(session, tls):
     server = TokenServer()
-    await server.start(ssl=server_context(ca))
+    await server.start(ssl=tls.server)
     try:
         assert server.token_url.scheme == "https"
         form = {**CC, "client_id": "demo-client"}
         server.register_client_cert(cn="demo-client")
-        status, body = await call(session, server, form, {}, ssl=client_context(ca, "demo-client"))
+        status, body = await call(session, server, form, {}, ssl=tls.clients["demo-client"])
         assert status == 200
         assert server.last_request is not None
         assert server.last_request.auth_method == "tls_client_auth"
         assert server.is_valid(body["access_token"])
-        mallory = client_context(ca, "mallory")
+        mallory = tls.clients["mallory"]
         assert await call(session, server, form, {}, ssl=mallory) == (
             401,
             {"error": "invalid_client"},
         )
         # Without a certificate, a bare client_id authenticates nothing.
-        assert (await call(session, server, form, {}, ssl=client_context(ca, None)))[0] == 401
+        assert (await call(session, server, form, {}, ssl=tls.clients[None]))[0] == 401
         # Basic still works on the same TLS port.
-        assert (await call(session, server, CC, ssl=client_context(ca, None)))[0] == 200
+        assert (await call(session, server, CC, ssl=tls.clients[None]))[0] == 200
         assert dict(server.auth_failures) == {"cert_mismatch": 1, "no_credentials": 1}
     finally:
         await server.aclose()
 
 
-async def test_tls_client_auth_by_fingerprint(session, ca):
+async def test_tls_client_auth_by_fingerprint(session, tls):
     server = TokenServer()
-    await server.start(ssl=server_context(ca))
-    leaf = ca.issue_cert("fp.clients.example", common_name="not-registered")
-    der = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
-    server.register_client_cert(sha256=hashlib.sha256(der).hexdigest().upper())
-    ctx = client_context(ca, None)
-    leaf.configure_cert(ctx)
+    await server.start(ssl=tls.server)
+    server.register_client_cert(sha256=tls.fingerprint.upper())
     try:
         form = {**CC, "client_id": "demo-client"}
-        assert (await call(session, server, form, {}, ssl=ctx))[0] == 200
+        assert (await call(session, server, form, {}, ssl=tls.fingerprinted))[0] == 200
+        assert (await call(session, server, form, {}, ssl=tls.clients["svc-a"]))[0] == 401
     finally:
         await server.aclose()
 
@@ -368,9 +379,8 @@ async def test_reuse_after_grace_revokes_the_family(session, grace):
 
 
 async def test_non_rotating_refresh_tokens(session):
-    tokens = TokenServer(rotate_refresh_tokens=False)
-    await tokens.start()
-    try:
+    async with TokenServer(rotate_refresh_tokens=False) as tokens:
+        assert tokens.url.port
         rt = tokens.seed_refresh_token()
         for _ in range(2):
             status, body = await refresh(session, tokens, rt)
@@ -379,8 +389,6 @@ async def test_non_rotating_refresh_tokens(session):
         assert tokens.rotations.total() == 0
         tokens.revoke(rt)
         assert (await refresh(session, tokens, rt))[0] == 400
-    finally:
-        await tokens.aclose()
 
 
 async def test_expiry_jwt_tokens_and_clock_offset(session):
@@ -706,7 +714,7 @@ async def test_echo_streams_big_bodies(session, tokens, echo):
     auth = {"Authorization": f"Bearer {await a_token(session, tokens)}"}
     size = 48 * 1024 * 1024 + 7
     expected = hashlib.sha256()
-    block = os.urandom(1 << 20)
+    block = bytes(range(256)) * 4096  # 1 MiB
 
     async def upload() -> AsyncIterator[bytes]:
         left = size
@@ -731,13 +739,13 @@ async def test_echo_streams_big_bodies(session, tokens, echo):
     assert received == size
 
 
-async def test_echo_reports_client_certificate(session, ca):
+async def test_echo_reports_client_certificate(session, tls):
     echo = EchoServer(require_token=False)
-    await echo.start(ssl=server_context(ca))
+    await echo.start(ssl=tls.server)
     try:
-        async with session.get(echo.url / "x", ssl=client_context(ca, "svc-a")) as resp:
+        async with session.get(echo.url / "x", ssl=tls.clients["svc-a"]) as resp:
             assert (await resp.json())["client_cert"] == "svc-a"
-        async with session.get(echo.url / "x", ssl=client_context(ca, None)) as resp:
+        async with session.get(echo.url / "x", ssl=tls.clients[None]) as resp:
             assert (await resp.json())["client_cert"] is None
     finally:
         await echo.aclose()
@@ -764,14 +772,13 @@ async def test_echo_gate(session, tokens, echo):
 
 
 async def test_servers_process(session):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.demo", "servers", "--reuse-grace", "5", "--expires-in", "30"],
-        stdout=subprocess.PIPE,
-        text=True,
+    argv = ["servers", "--reuse-grace", "5", "--expires-in", "30"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy.demo", *argv, stdout=asyncio.subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
         urls = json.loads(line)
         token_url, echo_url = URL(urls["token_url"]), URL(urls["echo"])
         base = URL(urls["token_server"])
@@ -795,10 +802,8 @@ async def test_servers_process(session):
         assert stats["rotations"] == {"dave": 1}
         assert stats["faults_served"] == {"http_503": 1}
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 20) == 0
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+            await proc.wait()

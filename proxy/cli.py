@@ -74,11 +74,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return config
     setup_logging(config.log_level)
     try:
-        if config.workers > 1:
-            from proxy.workers import supervise
+        from proxy.workers import is_worker, supervise
 
+        if config.workers > 1 and not is_worker():
             return supervise(config)
-        return asyncio.run(serve(config))
+        code: int = asyncio.run(serve(config))
+        return code
     finally:
         shutdown_logging()
 
@@ -223,7 +224,8 @@ async def _status(config: Config) -> list[dict[str, Any]]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo_run import run_demo
 
-    return run_demo(port=args.port, admin_port=args.admin_port)
+    code: int = run_demo(port=args.port, admin_port=args.admin_port)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

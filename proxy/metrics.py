@@ -46,11 +46,11 @@ class Metrics:
         self.token_expiry = Gauge(
             "authproxy_token_expiry_timestamp_seconds",
             "Expiry (unix time) of the newest access token per credential.",
-            ["credential"], registry=r, multiprocess_mode="max",
+            ["credential"], registry=r, multiprocess_mode="livemax",
         )
         self.credential_state = Gauge(
             "authproxy_credential_state", "1 for the current state of each credential.",
-            ["credential", "state"], registry=r, multiprocess_mode="max",
+            ["credential", "state"], registry=r, multiprocess_mode="livemax",
         )
         self.upstream_retries = Counter(
             "authproxy_upstream_retries", "Requests replayed to the upstream, by reason.",
@@ -63,7 +63,7 @@ class Metrics:
         self.tls_cert_expiry = Gauge(
             "authproxy_tls_certificate_expiry_timestamp_seconds",
             "notAfter (unix time) of each configured client certificate.",
-            ["kind", "name"], registry=r, multiprocess_mode="min",
+            ["kind", "name"], registry=r, multiprocess_mode="livemin",
         )
         self.store_duration = Histogram(
             "authproxy_store_operation_duration_seconds", "Chain store operation latency.",
@@ -72,7 +72,7 @@ class Metrics:
         self.clock_offset = Gauge(
             "authproxy_provider_clock_offset_seconds",
             "Provider clock minus local clock, estimated from token responses' Date header.",
-            ["credential"], registry=r, multiprocess_mode="max",
+            ["credential"], registry=r, multiprocess_mode="livemax",
         )
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}

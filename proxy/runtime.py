@@ -209,13 +209,13 @@ class Runtime:
         if self.config.source is None:
             event(log, logging.WARNING, "config", "SIGHUP ignored: no config file to reload")
             return False
+        new: Config | None = None
         try:
             new = await asyncio.to_thread(load_config, self.config.source)
-            tls_problems = await asyncio.to_thread(check_tls_files, new)
-            if tls_problems:
-                raise ConfigError([])  # reported below
+            problems = await asyncio.to_thread(check_tls_files, new)
         except ConfigError as exc:
-            problems = [str(p) for p in exc.problems] or tls_problems
+            problems = [str(p) for p in exc.problems]
+        if problems or new is None:
             event(log, logging.ERROR, "config", "the new configuration is invalid; keeping the "
                   "running one", problems=problems)
             return False
@@ -277,6 +277,13 @@ class Runtime:
     # -- admin --------------------------------------------------------------------------
 
     def metrics_text(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Workers: every process writes its own files; any worker reports them all.
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
         return generate_latest(self.metrics.registry)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:

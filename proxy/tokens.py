@@ -251,12 +251,12 @@ class TokenCache:
 
     def _set_state(self, key: ChainKey, state: CredentialState, error: str | None) -> None:
         health = self.health[key.credential]
-        health.last_error = error
         if key.subject is not None and state is CredentialState.REAUTH_REQUIRED:
             # One user's chain needing a new seed does not make the credential unusable.
             event(log, logging.WARNING, "state", error or "", credential=key.credential,
                   subject_chain=True, state=state.value)
             return
+        health.last_error = error
         if health.state is not state:
             event(log, logging.WARNING if state is not CredentialState.OK else logging.INFO,
                   "state", error or "", credential=key.credential, state=state.value,

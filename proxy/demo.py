@@ -1001,7 +1001,7 @@ class EchoServer(_Served):
             client_cert=_peer_cert(request)[0],
         )
         self.last_request = record
-        self.requests_by_token[token] = self.requests_by_token[token] + 1
+        self.requests_by_token[token] += 1
         await self._pass_gate()
         hasher = hashlib.sha256()
         async for chunk in request.content.iter_chunked(CHUNK):

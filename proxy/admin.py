@@ -36,10 +36,16 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
         if expected is not None:
             header = request.headers.get("Authorization", "")
             scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected.encode()):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.encode(), expected.encode()
+            ):
                 return web.json_response(
-                    {"error": "unauthorized", "message": "send Authorization: Bearer <admin token>"},
-                    status=401, headers={"WWW-Authenticate": 'Bearer realm="authproxy-admin"'},
+                    {
+                        "error": "unauthorized",
+                        "message": "send Authorization: Bearer <admin token>",
+                    },
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="authproxy-admin"'},
                 )
     return await handler(request)
 
@@ -70,11 +76,15 @@ async def seed(request: web.Request) -> web.Response:
     if cred is None:
         return _json_error(404, "not_found", f"no credential named {name!r}")
     if cred.grant != "refresh_token":
-        return _json_error(400, "bad_request", f"{name} uses {cred.grant}; only refresh_token chains are seeded")
+        return _json_error(
+            400, "bad_request", f"{name} uses {cred.grant}; only refresh_token chains are seeded"
+        )
     try:
         body: Any = await request.json(loads=json.loads)
     except (ValueError, UnicodeDecodeError):
-        return _json_error(400, "bad_request", "the body must be JSON: {\"refresh_token\": ..., \"subject\": ...}")
+        return _json_error(
+            400, "bad_request", 'the body must be JSON: {"refresh_token": ..., "subject": ...}'
+        )
     if not isinstance(body, dict):
         return _json_error(400, "bad_request", "the body must be a JSON object")
     token = body.get("refresh_token")
@@ -92,8 +102,14 @@ async def seed(request: web.Request) -> web.Response:
         await runtime.seed(ChainKey(name, subject), Secret(token.strip()))
     except StoreError as exc:
         return _json_error(503, "store_unavailable", str(exc))
-    event(log, logging.INFO, "seed", "chain seeded through the admin API", credential=name,
-          subject_chain=subject is not None)
+    event(
+        log,
+        logging.INFO,
+        "seed",
+        "chain seeded through the admin API",
+        credential=name,
+        subject_chain=subject is not None,
+    )
     return web.Response(status=204)
 
 

@@ -35,5 +35,7 @@ class Breaker:
 
     def failure(self, now: float, retry_after: float | None = None) -> None:
         self.failures += 1
-        self.cooldown = min(self.max_cooldown, self.cooldown * 2 if self.cooldown else self.base_cooldown)
+        self.cooldown = min(
+            self.max_cooldown, self.cooldown * 2 if self.cooldown else self.base_cooldown
+        )
         self.open_until = now + max(self.cooldown, min(retry_after or 0.0, self.max_cooldown * 2))

@@ -90,7 +90,13 @@ class ClientCredentialsSource:
             try:
                 await self.store.put_shared_token(name, token)
             except StoreError as exc:
-                event(log, logging.WARNING, "token", f"could not share the token: {exc}", credential=name)
+                event(
+                    log,
+                    logging.WARNING,
+                    "token",
+                    f"could not share the token: {exc}",
+                    credential=name,
+                )
             return token
         finally:
             try:
@@ -183,12 +189,22 @@ class RefreshChainSource:
                 return rec.access_token
             if rec.rotating_since is not None:
                 # A previous holder died mid-call: the provider may or may not have rotated.
-                await self._history(key, "interrupted", "unknown", rec.refresh_token,
-                                    f"rotation by pid {rec.rotating_pid} at "
-                                    f"{_iso(rec.rotating_since)} never finished; retrying with "
-                                    "the same refresh token")
-            intent = replace(rec, version=rec.version + 1, rotating_since=now,
-                             rotating_pid=self._pid, updated_at=now)
+                await self._history(
+                    key,
+                    "interrupted",
+                    "unknown",
+                    rec.refresh_token,
+                    f"rotation by pid {rec.rotating_pid} at "
+                    f"{_iso(rec.rotating_since)} never finished; retrying with "
+                    "the same refresh token",
+                )
+            intent = replace(
+                rec,
+                version=rec.version + 1,
+                rotating_since=now,
+                rotating_pid=self._pid,
+                updated_at=now,
+            )
             if not await self.store.compare_and_set(intent, expected_version=rec.version):
                 continue  # the chain moved under us (an expired lease): read again
             return await self._call_provider(key, intent)
@@ -206,8 +222,14 @@ class RefreshChainSource:
             # Outcome unknown (maybe committed, answer lost): keep the token, clear the intent;
             # the next attempt retries with the same token.
             now = self._clock()
-            kept = replace(rec, version=rec.version + 1, rotating_since=None, rotating_pid=None,
-                           last_error=str(exc), updated_at=now)
+            kept = replace(
+                rec,
+                version=rec.version + 1,
+                rotating_since=None,
+                rotating_pid=None,
+                last_error=str(exc),
+                updated_at=now,
+            )
             await self._cas_quietly(kept, rec.version)
             await self._history(key, "failure", exc.outcome, rec.refresh_token, str(exc))
             raise
@@ -226,20 +248,33 @@ class RefreshChainSource:
         if not await self.store.compare_and_set(new, expected_version=rec.version):
             # Our lease expired while we waited on the provider and another process moved the
             # chain. Its write wins; ours is dropped, loudly, so history shows the race.
-            await self._history(key, "conflict", "lost_race", new_refresh,
-                                "the chain moved while this process was rotating it")
-            event(log, logging.ERROR, "rotation", "the chain moved during a rotation",
-                  credential=key.credential)
+            await self._history(
+                key,
+                "conflict",
+                "lost_race",
+                new_refresh,
+                "the chain moved while this process was rotating it",
+            )
+            event(
+                log,
+                logging.ERROR,
+                "rotation",
+                "the chain moved during a rotation",
+                credential=key.credential,
+            )
             return resp.access_token
         self._metrics.rotations.labels(key.credential).inc()
         if resp.refresh_token is not None:
-            await self._history(key, "rotate", "success", new_refresh,
-                                f"replaced {rec.refresh_token.fingerprint()}")
+            await self._history(
+                key, "rotate", "success", new_refresh, f"replaced {rec.refresh_token.fingerprint()}"
+            )
         else:
             await self._history(key, "refresh", "success", new_refresh, "refresh token kept")
         return resp.access_token
 
-    async def _on_invalid_grant(self, key: ChainKey, rec: ChainRecord, exc: InvalidGrant) -> AccessToken:
+    async def _on_invalid_grant(
+        self, key: ChainKey, rec: ChainRecord, exc: InvalidGrant
+    ) -> AccessToken:
         current = await self.store.get(key)
         if current is not None and current.refresh_token != rec.refresh_token:
             # Another process rotated (or someone seeded) meanwhile: use the newer chain.
@@ -250,14 +285,24 @@ class RefreshChainSource:
         interrupted = rec.rotating_pid is not None and rec.rotating_pid != self._pid
         reason = (
             "the provider refused the refresh token (invalid_grant)"
-            + (": an interrupted rotation may have rotated it and the new token never arrived"
-               if interrupted else "")
+            + (
+                ": an interrupted rotation may have rotated it and the new token never arrived"
+                if interrupted
+                else ""
+            )
             + f"; seed a new one with `authproxy seed {key.credential}"
             + (f" --subject {key.subject}`" if key.subject else "`")
         )
-        dead = replace(rec, version=rec.version + 1, state=CredentialState.REAUTH_REQUIRED,
-                       rotating_since=None, rotating_pid=None, last_error=reason,
-                       access_token=None, updated_at=self._clock())
+        dead = replace(
+            rec,
+            version=rec.version + 1,
+            state=CredentialState.REAUTH_REQUIRED,
+            rotating_since=None,
+            rotating_pid=None,
+            last_error=reason,
+            access_token=None,
+            updated_at=self._clock(),
+        )
         await self._cas_quietly(dead, rec.version)
         await self._history(key, "reauth_required", "invalid_grant", rec.refresh_token, reason)
         raise ReauthRequired(reason) from exc
@@ -266,18 +311,35 @@ class RefreshChainSource:
         try:
             await self.store.compare_and_set(record, expected_version=expected)
         except StoreError as exc:
-            event(log, logging.WARNING, "store", f"could not record the chain state: {exc}",
-                  credential=record.key.credential)
+            event(
+                log,
+                logging.WARNING,
+                "store",
+                f"could not record the chain state: {exc}",
+                credential=record.key.credential,
+            )
 
-    async def _history(self, key: ChainKey, name: str, outcome: str, token: Secret | None,
-                       detail: str | None) -> None:
-        ev = HistoryEvent(at=self._clock(), event=name, outcome=outcome, pid=self._pid,
-                          token_fingerprint=token.fingerprint() if token else None, detail=detail)
+    async def _history(
+        self, key: ChainKey, name: str, outcome: str, token: Secret | None, detail: str | None
+    ) -> None:
+        ev = HistoryEvent(
+            at=self._clock(),
+            event=name,
+            outcome=outcome,
+            pid=self._pid,
+            token_fingerprint=token.fingerprint() if token else None,
+            detail=detail,
+        )
         try:
             await self.store.add_history(key, ev)
         except StoreError as exc:
-            event(log, logging.WARNING, "store", f"could not write chain history: {exc}",
-                  credential=key.credential)
+            event(
+                log,
+                logging.WARNING,
+                "store",
+                f"could not write chain history: {exc}",
+                credential=key.credential,
+            )
 
     async def seed(self, key: ChainKey, refresh_token: Secret) -> ChainRecord:
         """Store the first refresh token of a chain (or replace a dead one)."""

@@ -41,7 +41,7 @@ def _load(path: str) -> Config | int:
 
 
 def _load_checked(path: str) -> Config | int:
-    from proxy.runtime import check_tls_files
+    from proxy.tlsconfig import check_tls_files
 
     config = _load(path)
     if isinstance(config, int):
@@ -62,8 +62,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         return config
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{path}: OK ({len(config.routes)} routes, {len(config.credentials)} credentials, "
-          f"store {config.store.kind})")
+    print(
+        f"{path}: OK ({len(config.routes)} routes, {len(config.credentials)} credentials, "
+        f"store {config.store.kind})"
+    )
     return EXIT_OK
 
 
@@ -106,7 +108,9 @@ def _read_refresh_token(args: argparse.Namespace) -> str | None:
         try:
             return Path(args.refresh_token_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            print(f"authproxy: cannot read {args.refresh_token_file}: {exc.strerror}", file=sys.stderr)
+            print(
+                f"authproxy: cannot read {args.refresh_token_file}: {exc.strerror}", file=sys.stderr
+            )
             return None
     if sys.stdin.isatty():
         print("paste the refresh token, then press Enter:", file=sys.stderr)
@@ -123,15 +127,22 @@ def cmd_seed(args: argparse.Namespace) -> int:
         print(f"authproxy: no credential named {args.credential!r} in {path}", file=sys.stderr)
         return EXIT_USAGE
     if cred.grant != "refresh_token":
-        print(f"authproxy: {args.credential} uses {cred.grant}; only refresh_token chains are seeded",
-              file=sys.stderr)
+        print(
+            f"authproxy: {args.credential} uses {cred.grant}; only refresh_token chains are seeded",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if args.subject and not cred.subject_header:
-        print(f"authproxy: {args.credential} has no subject_header; omit --subject", file=sys.stderr)
+        print(
+            f"authproxy: {args.credential} has no subject_header; omit --subject", file=sys.stderr
+        )
         return EXIT_USAGE
     if config.store.kind == "memory":
-        print("authproxy: a memory store lives inside the running proxy; seed it with "
-              f"PUT /admin/credentials/{args.credential}/refresh-token", file=sys.stderr)
+        print(
+            "authproxy: a memory store lives inside the running proxy; seed it with "
+            f"PUT /admin/credentials/{args.credential}/refresh-token",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     token = _read_refresh_token(args)
     if not token:
@@ -156,10 +167,17 @@ async def _seed(config: Config, credential: str, subject: str | None, token: str
         secret = Secret(token)
         key = ChainKey(credential, subject)
         await store.seed(key, secret)
-        await store.add_history(key, HistoryEvent(
-            at=__import__("time").time(), event="seed", outcome="success", pid=os.getpid(),
-            token_fingerprint=secret.fingerprint(), detail="authproxy seed",
-        ))
+        await store.add_history(
+            key,
+            HistoryEvent(
+                at=__import__("time").time(),
+                event="seed",
+                outcome="success",
+                pid=os.getpid(),
+                token_fingerprint=secret.fingerprint(),
+                detail="authproxy seed",
+            ),
+        )
     finally:
         await store.aclose()
 
@@ -179,11 +197,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"{'CREDENTIAL':<20} {'STATE':<16} {'EXPIRES':<25} {'LAST REFRESH':<25} LAST ERROR")
         for c in creds:
-            print(f"{c['name']:<20} {c['state']:<16} {c['expires_at'] or '-':<25} "
-                  f"{c['last_refresh_at'] or '-':<25} {c['last_error'] or '-'}")
+            print(
+                f"{c['name']:<20} {c['state']:<16} {c['expires_at'] or '-':<25} "
+                f"{c['last_refresh_at'] or '-':<25} {c['last_error'] or '-'}"
+            )
             for h in c.get("history", [])[:5]:
-                print(f"    {h['at']}  {h['event']:<16} {h['outcome']:<14} pid={h['pid']} "
-                      f"token={h['token'] or '-'} {h['detail'] or ''}")
+                print(
+                    f"    {h['at']}  {h['event']:<16} {h['outcome']:<14} pid={h['pid']} "
+                    f"token={h['token'] or '-'} {h['detail'] or ''}"
+                )
     bad = any(c["state"] in ("degraded", "reauth_required") for c in creds)
     return EXIT_ATTENTION if bad else EXIT_OK
 
@@ -199,12 +221,13 @@ async def _status(config: Config) -> list[dict[str, Any]]:
         except (OSError, KeyError):
             pass
     host = config.admin_listen.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     url = f"http://{host}:{config.admin_listen.port}/admin/credentials"
     try:
-        async with aiohttp.ClientSession(trust_env=False) as session, session.get(
-            url, headers=headers, timeout=aiohttp.ClientTimeout(total=3)
-        ) as resp:
+        async with (
+            aiohttp.ClientSession(trust_env=False) as session,
+            session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=3)) as resp,
+        ):
             if resp.status == 200:
                 data = await resp.json()
                 creds: list[dict[str, Any]] = data["credentials"]
@@ -229,7 +252,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="authproxy", description="An authenticating egress proxy for OAuth2 APIs.")
+    parser = _Parser(
+        prog="authproxy", description="An authenticating egress proxy for OAuth2 APIs."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     config_help = "config file (default: $AUTHPROXY_CONFIG, then authproxy.yaml)"
 

@@ -51,7 +51,9 @@ def _secret_post(cred: CredentialConfig, parts: TokenRequestParts, secret: Secre
     parts.form["client_secret"] = secret.reveal() if secret else ""
 
 
-def _private_key_jwt(cred: CredentialConfig, parts: TokenRequestParts, secret: Secret | None) -> None:
+def _private_key_jwt(
+    cred: CredentialConfig, parts: TokenRequestParts, secret: Secret | None
+) -> None:
     assert cred.private_key is not None  # config validation requires it
     pem = cred.private_key.resolve().reveal()
     client_id = _client_id(cred)
@@ -76,12 +78,16 @@ def _is_ec(pem: str) -> bool:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
-        return isinstance(load_pem_private_key(pem.encode(), password=None), ec.EllipticCurvePrivateKey)
+        return isinstance(
+            load_pem_private_key(pem.encode(), password=None), ec.EllipticCurvePrivateKey
+        )
     except (ValueError, TypeError):
         return False
 
 
-def _tls_client_auth(cred: CredentialConfig, parts: TokenRequestParts, secret: Secret | None) -> None:
+def _tls_client_auth(
+    cred: CredentialConfig, parts: TokenRequestParts, secret: Secret | None
+) -> None:
     # RFC 8705 2: the certificate on the TLS session is the credential; only client_id is sent.
     parts.form["client_id"] = _client_id(cred)
 

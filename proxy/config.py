@@ -38,8 +38,14 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
 _SIZE_UNITS: Final = {
-    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
-    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
 }
 
 
@@ -94,9 +100,7 @@ class SecretRef:
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> str:
-        return {"env": f"env {self.name}", "file": f"file {self.name}"}.get(
-            self.source, "literal"
-        )
+        return {"env": f"env {self.name}", "file": f"file {self.name}"}.get(self.source, "literal")
 
     def resolve(self) -> Secret:
         """The current value; raises `OSError`/`KeyError` naming the source, never the value."""
@@ -280,7 +284,9 @@ class _Reader:
             self.problem(_join(path, key), str(exc))
             return default
 
-    def string(self, raw: dict[str, Any], key: str, path: str, *, required: bool = False) -> str | None:
+    def string(
+        self, raw: dict[str, Any], key: str, path: str, *, required: bool = False
+    ) -> str | None:
         value = raw.get(key)
         if value is None:
             if required:
@@ -298,14 +304,18 @@ class _Reader:
             return default
         return value
 
-    def choice(self, raw: dict[str, Any], key: str, path: str, choices: tuple[str, ...], default: str) -> str:
+    def choice(
+        self, raw: dict[str, Any], key: str, path: str, choices: tuple[str, ...], default: str
+    ) -> str:
         value = raw.get(key, default)
         if value not in choices:
             self.problem(_join(path, key), f"expected one of {', '.join(choices)}, got {value!r}")
             return default
         return str(value)
 
-    def path_value(self, raw: dict[str, Any], key: str, path: str, *, must_exist: bool = True) -> Path | None:
+    def path_value(
+        self, raw: dict[str, Any], key: str, path: str, *, must_exist: bool = True
+    ) -> Path | None:
         text = self.string(raw, key, path)
         if text is None:
             return None
@@ -320,7 +330,9 @@ class _Reader:
                 self.problem(_join(path, key), f"cannot read file {p}: {exc.strerror}")
         return p
 
-    def secret(self, raw: dict[str, Any], key: str, path: str, *, required: bool = False) -> SecretRef | None:
+    def secret(
+        self, raw: dict[str, Any], key: str, path: str, *, required: bool = False
+    ) -> SecretRef | None:
         value = raw.get(key)
         where = _join(path, key)
         if value is None:
@@ -333,7 +345,7 @@ class _Reader:
             )
             return SecretRef("literal", "", Secret(str(value)))
         if isinstance(value, dict) and len(value) == 1:
-            (kind, name), = value.items()
+            ((kind, name),) = value.items()
             if kind == "env" and isinstance(name, str) and name:
                 ref = SecretRef("env", name)
             elif kind == "file" and isinstance(name, str) and name:
@@ -393,7 +405,8 @@ def _tls(r: _Reader, raw: object, path: str) -> TlsConfig | None:
     if raw is None:
         return None
     m = r.mapping(
-        raw, path,
+        raw,
+        path,
         {"cert", "key", "ca", "key_password", "server_name", "min_version", "insecure_skip_verify"},
     )
     if m is None:
@@ -418,10 +431,27 @@ def _tls(r: _Reader, raw: object, path: str) -> TlsConfig | None:
 
 
 _CREDENTIAL_KEYS: Final = {
-    "grant", "token_url", "client_id", "client_secret", "client_secret_next", "auth_method",
-    "scopes", "audience", "resource", "private_key", "private_key_alg", "key_id", "tls",
-    "share", "subject_header", "rotation_grace", "skew", "default_expires_in",
-    "max_expires_in", "timeout", "extra_params",
+    "grant",
+    "token_url",
+    "client_id",
+    "client_secret",
+    "client_secret_next",
+    "auth_method",
+    "scopes",
+    "audience",
+    "resource",
+    "private_key",
+    "private_key_alg",
+    "key_id",
+    "tls",
+    "share",
+    "subject_header",
+    "rotation_grace",
+    "skew",
+    "default_expires_in",
+    "max_expires_in",
+    "timeout",
+    "extra_params",
 }
 
 
@@ -475,7 +505,10 @@ def _credential(r: _Reader, name: str, raw: object, path: str) -> CredentialConf
         extra_params=extra,
     )
     if auth_method == "tls_client_auth" and (tls is None or tls.cert is None):
-        r.problem(_join(path, "tls.cert"), "tls_client_auth needs a client certificate (tls.cert, tls.key)")
+        r.problem(
+            _join(path, "tls.cert"),
+            "tls_client_auth needs a client certificate (tls.cert, tls.key)",
+        )
     if cred.private_key_alg is not None and cred.private_key_alg not in ("RS256", "ES256", "PS256"):
         r.problem(_join(path, "private_key_alg"), "expected RS256, ES256 or PS256")
     if cred.subject_header is not None and grant != "refresh_token":
@@ -486,12 +519,21 @@ def _credential(r: _Reader, name: str, raw: object, path: str) -> CredentialConf
 
 
 _ROUTE_KEYS: Final = {
-    "name", "match", "upstream", "credential", "allow", "tls", "timeouts", "max_body",
+    "name",
+    "match",
+    "upstream",
+    "credential",
+    "allow",
+    "tls",
+    "timeouts",
+    "max_body",
     "replay_body",
 }
 
 
-def _route(r: _Reader, raw: object, path: str, credentials: Mapping[str, Any]) -> RouteConfig | None:
+def _route(
+    r: _Reader, raw: object, path: str, credentials: Mapping[str, Any]
+) -> RouteConfig | None:
     m = r.mapping(raw, path, _ROUTE_KEYS)
     if m is None:
         return None
@@ -536,9 +578,14 @@ def _route(r: _Reader, raw: object, path: str, credentials: Mapping[str, Any]) -
         if not isinstance(methods, list) or not all(
             isinstance(x, str) and x.upper() in HTTP_METHODS for x in methods
         ):
-            r.problem(_join(rp, "methods"), f"expected a list of HTTP methods ({', '.join(sorted(HTTP_METHODS))})")
+            r.problem(
+                _join(rp, "methods"),
+                f"expected a list of HTTP methods ({', '.join(sorted(HTTP_METHODS))})",
+            )
             methods = []
-        if not isinstance(paths, list) or not all(isinstance(x, str) and x.startswith("/") for x in paths):
+        if not isinstance(paths, list) or not all(
+            isinstance(x, str) and x.startswith("/") for x in paths
+        ):
             r.problem(_join(rp, "paths"), "expected a list of path globs starting with /")
             paths = []
         allow.append(AllowRule(frozenset(x.upper() for x in methods), tuple(paths)))
@@ -562,8 +609,17 @@ def _route(r: _Reader, raw: object, path: str, credentials: Mapping[str, Any]) -
 
 
 _TOP_KEYS: Final = {
-    "listen", "workers", "store", "credentials", "admin_token", "tunnel_allow", "proxy_auth",
-    "routes", "shutdown_grace", "ready_requires_tokens", "log_level",
+    "listen",
+    "workers",
+    "store",
+    "credentials",
+    "admin_token",
+    "tunnel_allow",
+    "proxy_auth",
+    "routes",
+    "shutdown_grace",
+    "ready_requires_tokens",
+    "log_level",
 }
 
 
@@ -586,10 +642,14 @@ def parse_config(raw: object, *, base_dir: Path = Path("."), source: Path | None
     store_url = r.string(store_raw, "url", "store")
     if kind == "redis":
         if store_url is None:
-            r.problem("store.url", "is required for kind: redis (redis://HOST:PORT/DB or rediss://...)")
+            r.problem(
+                "store.url", "is required for kind: redis (redis://HOST:PORT/DB or rediss://...)"
+            )
         elif URL(store_url).scheme not in ("redis", "rediss", "unix"):
             r.problem("store.url", "expected redis://, rediss:// or unix:// URL")
-    store_path = r.path_value(store_raw, "path", "store", must_exist=False) or base_dir / "authproxy.db"
+    store_path = (
+        r.path_value(store_raw, "path", "store", must_exist=False) or base_dir / "authproxy.db"
+    )
     store = StoreConfig(
         kind=kind,
         path=store_path,
@@ -620,7 +680,9 @@ def parse_config(raw: object, *, base_dir: Path = Path("."), source: Path | None
     matches: dict[tuple[str | None, int | None, str | None], int] = {}
     for i, route in enumerate(routes):
         if route.name in seen:
-            r.problem(f"routes[{i}].name", f"duplicate route name (also routes[{seen[route.name]}])")
+            r.problem(
+                f"routes[{i}].name", f"duplicate route name (also routes[{seen[route.name]}])"
+            )
         seen[route.name] = i
         mkey = (route.host, route.port, route.prefix)
         if mkey in matches:

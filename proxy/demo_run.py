@@ -17,7 +17,7 @@ from proxy.models import ChainKey, Secret
 DEMO_CONFIG: Final = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 TOKEN_PORT: Final = 9181
 ECHO_PORT: Final = 9182
-DEMO_SECRET: Final = "demo-secret"  # noqa: S105 - the demo token server's published secret
+DEMO_SECRET: Final = "demo-secret"
 
 
 def run_demo(port: int = 8080, admin_port: int = 9090) -> int:

@@ -9,8 +9,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 # RFC 9110 7.6.1 plus the de-facto Proxy-Connection and Keep-Alive.
 HOP_BY_HOP: Final = frozenset(
     {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-        "te", "trailer", "transfer-encoding", "upgrade",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
     }
 )
 _DROP_UPSTREAM: Final = HOP_BY_HOP | {"host", "authorization", "content-length"}

@@ -28,8 +28,21 @@ SENSITIVE_HEADERS: Final = frozenset(
 )
 SENSITIVE_QUERY: Final = frozenset(
     {
-        "access_token", "refresh_token", "id_token", "code", "client_secret", "client_assertion",
-        "assertion", "password", "token", "api_key", "apikey", "key", "secret", "signature", "sig",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "code",
+        "client_secret",
+        "client_assertion",
+        "assertion",
+        "password",
+        "token",
+        "api_key",
+        "apikey",
+        "key",
+        "secret",
+        "signature",
+        "sig",
     }
 )
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9\-._~+/=]{8,}")
@@ -38,9 +51,7 @@ _MIN_SECRET_LEN: Final = 6
 
 
 def redact_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    return {
-        k: (REDACTED if k.lower() in SENSITIVE_HEADERS else v) for k, v in headers
-    }
+    return {k: (REDACTED if k.lower() in SENSITIVE_HEADERS else v) for k, v in headers}
 
 
 def redact_query(path_qs: str) -> str:
@@ -110,7 +121,9 @@ class Scrubber(logging.Filter):
                 run = m.group(0)
                 if run in tokens:
                     return REDACTED
-                return _UNRESERVED_RUN.sub(lambda n: REDACTED if n.group(0) in tokens else n.group(0), run)
+                return _UNRESERVED_RUN.sub(
+                    lambda n: REDACTED if n.group(0) in tokens else n.group(0), run
+                )
 
             text = _TOKEN_RUN.sub(sub, text)
         return text

@@ -11,8 +11,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from proxy.models import CredentialState
 
 TOKEN_OUTCOMES = (
-    "success", "invalid_grant", "invalid_client", "oauth_error", "http_error",
-    "network_error", "timeout", "malformed",
+    "success",
+    "invalid_grant",
+    "invalid_client",
+    "oauth_error",
+    "http_error",
+    "network_error",
+    "timeout",
+    "malformed",
 )
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -24,55 +30,83 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "authproxy_requests", "Requests answered, by route, method and status code.",
-            ["route", "method", "code"], registry=r,
+            "authproxy_requests",
+            "Requests answered, by route, method and status code.",
+            ["route", "method", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "authproxy_request_duration_seconds", "Time from request to response headers.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+            "authproxy_request_duration_seconds",
+            "Time from request to response headers.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.token_requests = Counter(
-            "authproxy_token_requests", "Calls to token endpoints, by outcome.",
-            ["credential", "outcome"], registry=r,
+            "authproxy_token_requests",
+            "Calls to token endpoints, by outcome.",
+            ["credential", "outcome"],
+            registry=r,
         )
         self.token_request_duration = Histogram(
-            "authproxy_token_request_duration_seconds", "Duration of token endpoint calls.",
-            ["credential"], buckets=_LATENCY_BUCKETS, registry=r,
+            "authproxy_token_request_duration_seconds",
+            "Duration of token endpoint calls.",
+            ["credential"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.token_cache = Counter(
-            "authproxy_token_cache", "Token lookups: hit, miss (started a fetch), coalesced "
-            "(joined a fetch in flight).", ["credential", "result"], registry=r,
+            "authproxy_token_cache",
+            "Token lookups: hit, miss (started a fetch), coalesced (joined a fetch in flight).",
+            ["credential", "result"],
+            registry=r,
         )
         self.token_expiry = Gauge(
             "authproxy_token_expiry_timestamp_seconds",
             "Expiry (unix time) of the newest access token per credential.",
-            ["credential"], registry=r, multiprocess_mode="livemax",
+            ["credential"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.credential_state = Gauge(
-            "authproxy_credential_state", "1 for the current state of each credential.",
-            ["credential", "state"], registry=r, multiprocess_mode="livemax",
+            "authproxy_credential_state",
+            "1 for the current state of each credential.",
+            ["credential", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.upstream_retries = Counter(
-            "authproxy_upstream_retries", "Requests replayed to the upstream, by reason.",
-            ["route", "reason"], registry=r,
+            "authproxy_upstream_retries",
+            "Requests replayed to the upstream, by reason.",
+            ["route", "reason"],
+            registry=r,
         )
         self.rotations = Counter(
-            "authproxy_refresh_token_rotations", "Refresh tokens rotated and stored.",
-            ["credential"], registry=r,
+            "authproxy_refresh_token_rotations",
+            "Refresh tokens rotated and stored.",
+            ["credential"],
+            registry=r,
         )
         self.tls_cert_expiry = Gauge(
             "authproxy_tls_certificate_expiry_timestamp_seconds",
             "notAfter (unix time) of each configured client certificate.",
-            ["kind", "name"], registry=r, multiprocess_mode="livemin",
+            ["kind", "name"],
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.store_duration = Histogram(
-            "authproxy_store_operation_duration_seconds", "Chain store operation latency.",
-            ["operation"], buckets=_LATENCY_BUCKETS, registry=r,
+            "authproxy_store_operation_duration_seconds",
+            "Chain store operation latency.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.clock_offset = Gauge(
             "authproxy_provider_clock_offset_seconds",
             "Provider clock minus local clock, estimated from token responses' Date header.",
-            ["credential"], registry=r, multiprocess_mode="livemax",
+            ["credential"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}

@@ -102,7 +102,9 @@ class AccessToken:
     def refresh_at(self) -> float:
         """80% of the lifetime or 60 s before expiry, whichever is earlier, never before half."""
         life = self.lifetime
-        at = min(self.issued_at + REFRESH_AT_FRACTION * life, self.expires_at - REFRESH_LEAD_SECONDS)
+        at = min(
+            self.issued_at + REFRESH_AT_FRACTION * life, self.expires_at - REFRESH_LEAD_SECONDS
+        )
         return max(at, self.issued_at + MIN_REFRESH_FRACTION * life)
 
     def usable(self, now: float) -> bool:

@@ -112,7 +112,9 @@ class TokenEndpoint:
         form = {"grant_type": "client_credentials"}
         return await self.request(form, budget=budget)
 
-    async def refresh(self, refresh_token: Secret, *, budget: float | None = None, retry: bool = True) -> TokenResponse:
+    async def refresh(
+        self, refresh_token: Secret, *, budget: float | None = None, retry: bool = True
+    ) -> TokenResponse:
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
         return await self.request(form, budget=budget, retry=retry)
 
@@ -125,10 +127,17 @@ class TokenEndpoint:
             try:
                 secrets.append(ref.resolve())
             except (OSError, KeyError) as exc:
-                event(log, logging.WARNING, "token", f"cannot read a client secret ({ref.describe()}): {exc}",
-                      credential=self.cred.name)
+                event(
+                    log,
+                    logging.WARNING,
+                    "token",
+                    f"cannot read a client secret ({ref.describe()}): {exc}",
+                    credential=self.cred.name,
+                )
         if not secrets:
-            raise InvalidClient("client_secret_unreadable", f"no readable client secret for {self.cred.name}")
+            raise InvalidClient(
+                "client_secret_unreadable", f"no readable client secret for {self.cred.name}"
+            )
         # Try the secret that worked last first: rotation flips the order once, not per call.
         i = self._secret_index % len(secrets)
         return secrets[i:] + secrets[:i]
@@ -146,13 +155,23 @@ class TokenEndpoint:
             except InvalidClient as exc:
                 last = exc
                 if n + 1 < len(secrets):
-                    event(log, logging.WARNING, "token", "client secret refused; trying the other one",
-                          credential=self.cred.name)
+                    event(
+                        log,
+                        logging.WARNING,
+                        "token",
+                        "client secret refused; trying the other one",
+                        credential=self.cred.name,
+                    )
                 continue
             if n:
                 self._secret_index += n
-                event(log, logging.WARNING, "token", "switched to the other client secret",
-                      credential=self.cred.name)
+                event(
+                    log,
+                    logging.WARNING,
+                    "token",
+                    "switched to the other client secret",
+                    credential=self.cred.name,
+                )
             return resp
         assert last is not None
         raise last
@@ -198,19 +217,29 @@ class TokenEndpoint:
             raise
         except TimeoutError as exc:
             outcome = "timeout"
-            raise TokenTimeout("timeout", f"no answer from the token endpoint of {self.cred.name} "
-                               f"within {budget:g}s") from exc
+            raise TokenTimeout(
+                "timeout",
+                f"no answer from the token endpoint of {self.cred.name} within {budget:g}s",
+            ) from exc
         except aiohttp.ClientError as exc:
             outcome = "network_error"
-            raise TokenNetworkError("network_error", f"{type(exc).__name__} talking to the token "
-                                    f"endpoint of {self.cred.name}") from exc
+            raise TokenNetworkError(
+                "network_error",
+                f"{type(exc).__name__} talking to the token endpoint of {self.cred.name}",
+            ) from exc
         finally:
             elapsed = time.monotonic() - started
             self._metrics.token_requests.labels(self.cred.name, outcome).inc()
             self._metrics.token_request_duration.labels(self.cred.name).observe(elapsed)
-            event(log, logging.INFO if outcome == "success" else logging.WARNING, "token",
-                  credential=self.cred.name, grant=grant_form.get("grant_type"), outcome=outcome,
-                  duration_ms=round(elapsed * 1000, 1))
+            event(
+                log,
+                logging.INFO if outcome == "success" else logging.WARNING,
+                "token",
+                credential=self.cred.name,
+                grant=grant_form.get("grant_type"),
+                outcome=outcome,
+                duration_ms=round(elapsed * 1000, 1),
+            )
 
     def _parse(self, resp: aiohttp.ClientResponse, body: bytes, sent_at: float) -> TokenResponse:
         """Classify and validate one answer (RFC 6749 5.1 and 5.2)."""
@@ -223,34 +252,61 @@ class TokenEndpoint:
             data = None
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, str) and error:
-            desc = data.get("error_description") if isinstance(data.get("error_description"), str) else None
+            desc = (
+                data.get("error_description")
+                if isinstance(data.get("error_description"), str)
+                else None
+            )
             cls = PERMANENT_OAUTH_ERRORS.get(error)
             if cls is not None:
                 raise cls(error, desc, status=status)
-            if status >= 500 or status == 429 or error in ("temporarily_unavailable", "server_error"):
-                raise TransientTokenError(error, desc, status=status,
-                                          retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+            if (
+                status >= 500
+                or status == 429
+                or error in ("temporarily_unavailable", "server_error")
+            ):
+                raise TransientTokenError(
+                    error,
+                    desc,
+                    status=status,
+                    retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+                )
             raise TokenEndpointError(error, desc, status=status)
         if status >= 500 or status == 429:
-            raise TransientTokenError("http_error", f"HTTP {status} from the token endpoint", status=status,
-                                      retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+            raise TransientTokenError(
+                "http_error",
+                f"HTTP {status} from the token endpoint",
+                status=status,
+                retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+            )
         if status == 401:
-            raise InvalidClient("invalid_client", "HTTP 401 without an OAuth error body", status=status)
+            raise InvalidClient(
+                "invalid_client", "HTTP 401 without an OAuth error body", status=status
+            )
         if status != 200:
-            raise TransientTokenError("http_error", f"HTTP {status} from the token endpoint", status=status)
+            raise TransientTokenError(
+                "http_error", f"HTTP {status} from the token endpoint", status=status
+            )
         if not isinstance(data, dict):
-            raise MalformedTokenResponse("malformed", "the token response is not a JSON object", status=status)
+            raise MalformedTokenResponse(
+                "malformed", "the token response is not a JSON object", status=status
+            )
         access = data.get("access_token")
         if not isinstance(access, str) or not access:
-            raise MalformedTokenResponse("malformed", "the token response has no access_token", status=status)
+            raise MalformedTokenResponse(
+                "malformed", "the token response has no access_token", status=status
+            )
         scrubber().add_token(access)
         token_type = data.get("token_type", "Bearer")
         if not isinstance(token_type, str) or token_type.lower() != "bearer":
-            raise MalformedTokenResponse("malformed", f"unsupported token_type {str(token_type)[:20]!r}",
-                                         status=status)
+            raise MalformedTokenResponse(
+                "malformed", f"unsupported token_type {str(token_type)[:20]!r}", status=status
+            )
         refresh = data.get("refresh_token")
         if refresh is not None and (not isinstance(refresh, str) or not refresh):
-            raise MalformedTokenResponse("malformed", "refresh_token is not a string", status=status)
+            raise MalformedTokenResponse(
+                "malformed", "refresh_token is not a string", status=status
+            )
         if isinstance(refresh, str):
             scrubber().add_token(refresh)
         offset = self._clock_offset(resp, sent_at, received)
@@ -284,21 +340,37 @@ class TokenEndpoint:
             except ValueError:
                 value = None
         if value is None or value != value:  # None or NaN
-            event(log, logging.WARNING, "token", f"expires_in missing or unreadable; assuming {default:g}s",
-                  credential=self.cred.name)
+            event(
+                log,
+                logging.WARNING,
+                "token",
+                f"expires_in missing or unreadable; assuming {default:g}s",
+                credential=self.cred.name,
+            )
             return default
         if value <= 0:
-            event(log, logging.WARNING, "token", f"expires_in is {value:g}; assuming {default:g}s",
-                  credential=self.cred.name)
+            event(
+                log,
+                logging.WARNING,
+                "token",
+                f"expires_in is {value:g}; assuming {default:g}s",
+                credential=self.cred.name,
+            )
             return default
         if value > self.cred.max_expires_in:
-            event(log, logging.WARNING, "token",
-                  f"expires_in {value:g}s is absurd; capping at {self.cred.max_expires_in:g}s",
-                  credential=self.cred.name)
+            event(
+                log,
+                logging.WARNING,
+                "token",
+                f"expires_in {value:g}s is absurd; capping at {self.cred.max_expires_in:g}s",
+                credential=self.cred.name,
+            )
             return self.cred.max_expires_in
         return value
 
-    def _clock_offset(self, resp: aiohttp.ClientResponse, sent_at: float, received: float) -> float | None:
+    def _clock_offset(
+        self, resp: aiohttp.ClientResponse, sent_at: float, received: float
+    ) -> float | None:
         date = resp.headers.get("Date")
         if not date:
             return None
@@ -313,9 +385,14 @@ class TokenEndpoint:
             offset = 0.0
         self._metrics.clock_offset.labels(self.cred.name).set(offset)
         if abs(offset) > CLOCK_SKEW_WARN_SECONDS:
-            event(log, logging.WARNING, "clock",
-                  f"the token endpoint's clock is {offset:+.0f}s from ours", credential=self.cred.name,
-                  offset_seconds=round(offset, 1))
+            event(
+                log,
+                logging.WARNING,
+                "clock",
+                f"the token endpoint's clock is {offset:+.0f}s from ours",
+                credential=self.cred.name,
+                offset_seconds=round(offset, 1),
+            )
         return offset
 
 

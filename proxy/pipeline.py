@@ -144,7 +144,8 @@ class Pipeline:
         if length is not None and length > route.max_body:
             raise PayloadTooLarge(
                 f"the request body ({length} bytes) is over the route's max_body "
-                f"({route.max_body} bytes)", route=route.name,
+                f"({route.max_body} bytes)",
+                route=route.name,
             )
         data: bytes | _LimitedBody | None = None
         if inbound.body is not None and (length is None or length > 0):
@@ -199,7 +200,9 @@ class Pipeline:
             # total bounds the wait for response headers (below); while a body streams, the
             # same value bounds each idle gap, so a 1 GiB download is not cut off.
             t = self._timeouts[route.name] = aiohttp.ClientTimeout(
-                total=None, connect=route.connect_timeout, sock_connect=route.connect_timeout,
+                total=None,
+                connect=route.connect_timeout,
+                sock_connect=route.connect_timeout,
                 sock_read=route.total_timeout,
             )
         return t
@@ -239,7 +242,8 @@ class Pipeline:
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"the upstream of route {route.name} did not answer within "
-                f"{route.total_timeout:g}s", route=route.name,
+                f"{route.total_timeout:g}s",
+                route=route.name,
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             if isinstance(data, _LimitedBody) and data.too_large:

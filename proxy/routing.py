@@ -46,7 +46,9 @@ def _segments_safe(raw_path: str) -> list[str]:
         text = unquote(seg)
         parts = re.split(r"[/\\]", text)
         if any(p in (".", "..") for p in parts):
-            raise BadRequest("the path contains a dot segment ('.' or '..'), which is not forwarded")
+            raise BadRequest(
+                "the path contains a dot segment ('.' or '..'), which is not forwarded"
+            )
         decoded.append(text)
     return decoded
 
@@ -73,9 +75,12 @@ class Router:
         self._upstream_base = {r.name: _base(r) for r in routes}
 
     def __repr__(self) -> str:
-        return f"<Router prefix_routes={len(self._prefix_routes)} host_routes={len(self._host_routes)}>"
+        prefixes, hosts = len(self._prefix_routes), len(self._host_routes)
+        return f"<Router prefix_routes={prefixes} host_routes={hosts}>"
 
-    def resolve(self, raw_path: str, query: str, host: str | None = None, port: int | None = None) -> Resolved:
+    def resolve(
+        self, raw_path: str, query: str, host: str | None = None, port: int | None = None
+    ) -> Resolved:
         """Pick the route for an origin-form request (host None) or an absolute-form one."""
         if not raw_path.startswith("/"):
             raise BadRequest("the request target must be an absolute path or an absolute http URL")
@@ -101,7 +106,9 @@ class Router:
         for rule in rules:
             if method in rule.methods and any(p.fullmatch(rest) for p in rule.paths):
                 return
-        raise Forbidden(f"route {route.name} does not allow {method} {rest[:200]}", route=route.name)
+        raise Forbidden(
+            f"route {route.name} does not allow {method} {rest[:200]}", route=route.name
+        )
 
 
 def _compile(rule: AllowRule) -> CompiledRule:
@@ -114,7 +121,7 @@ def _strip_prefix(path: str, prefix: str | None) -> str | None:
     if path == prefix:
         return ""
     if path.startswith(prefix) and path[len(prefix)] == "/":
-        return path[len(prefix):]
+        return path[len(prefix) :]
     return None
 
 

@@ -30,31 +30,13 @@ from proxy.server import ProxyHandler
 from proxy.store import ChainStore
 from proxy.stores import open_store
 from proxy.tasks import TaskOwner
-from proxy.tlsconfig import TlsError, build_context, certificate_not_after
+from proxy.tlsconfig import TlsError, certificate_not_after, check_tls_files
 from proxy.tokens import TokenCache, TokenSource
 
 log = logging.getLogger("authproxy.runtime")
 
 MAINTENANCE_INTERVAL: Final = 5.0
 CERT_WARN_SECONDS: Final = 14 * 86400
-
-
-def check_tls_files(config: Config) -> list[str]:
-    """Load every configured TLS identity once; return problems worded with their field path."""
-    problems = []
-    for name, cred in config.credentials.items():
-        if cred.tls is not None:
-            try:
-                build_context(cred.tls)
-            except TlsError as exc:
-                problems.append(f"credentials.{name}.tls: {exc}")
-    for i, route in enumerate(config.routes):
-        if route.tls is not None:
-            try:
-                build_context(route.tls)
-            except TlsError as exc:
-                problems.append(f"routes[{i}].tls: {exc}")
-    return problems
 
 
 @dataclass(slots=True)
@@ -83,7 +65,8 @@ class Runtime:
         self.sessions = SessionPool()
         self.engine = self._build(config)
         self.handler = ProxyHandler(
-            self.engine.pipeline, proxy_users=self._proxy_users,
+            self.engine.pipeline,
+            proxy_users=self._proxy_users,
         )
         self._owner = TaskOwner("runtime")
         self._runners: list[web.BaseRunner] = []
@@ -116,7 +99,9 @@ class Runtime:
                 n for n, c in config.credentials.items() if previous.config.credentials.get(n) == c
             }
             tokens.adopt(previous.tokens, unchanged)
-        pipeline = Pipeline(Router(config.routes), tokens, self.sessions, config.credentials, self.metrics)
+        pipeline = Pipeline(
+            Router(config.routes), tokens, self.sessions, config.credentials, self.metrics
+        )
         return Engine(config, endpoints, chains, tokens, pipeline)
 
     def _session_factory(self, cred: CredentialConfig) -> Any:
@@ -164,13 +149,17 @@ class Runtime:
         cfg = self.config
         reuse = cfg.workers > 1
         proxy_runner = web.ServerRunner(
-            web.Server(self.handler, access_log=None), shutdown_timeout=cfg.shutdown_grace,
+            web.Server(self.handler, access_log=None),
+            shutdown_timeout=cfg.shutdown_grace,
             handle_signals=False,
         )
         await proxy_runner.setup()
         self._runners.append(proxy_runner)
         site = web.TCPSite(
-            proxy_runner, cfg.proxy_listen.host, cfg.proxy_listen.port, reuse_port=reuse or None,
+            proxy_runner,
+            cfg.proxy_listen.host,
+            cfg.proxy_listen.port,
+            reuse_port=reuse or None,
             backlog=1024,
         )
         await site.start()
@@ -178,17 +167,25 @@ class Runtime:
         admin_runner = web.AppRunner(admin_app(self), access_log=None, handle_signals=False)
         await admin_runner.setup()
         self._runners.append(admin_runner)
-        admin_site = web.TCPSite(admin_runner, cfg.admin_listen.host, cfg.admin_listen.port,
-                                 reuse_port=reuse or None)
+        admin_site = web.TCPSite(
+            admin_runner, cfg.admin_listen.host, cfg.admin_listen.port, reuse_port=reuse or None
+        )
         await admin_site.start()
         self.admin_port = _bound_port(admin_runner)
         _ = self._owner.spawn(self._maintenance(), name="maintenance")
         self._update_cert_metrics()
-        event(log, logging.INFO, "start", "authproxy is serving",
-              proxy=f"{cfg.proxy_listen.host}:{self.proxy_port}",
-              admin=f"{cfg.admin_listen.host}:{self.admin_port}",
-              routes=len(cfg.routes), credentials=len(cfg.credentials), store=cfg.store.kind,
-              pid=os.getpid())
+        event(
+            log,
+            logging.INFO,
+            "start",
+            "authproxy is serving",
+            proxy=f"{cfg.proxy_listen.host}:{self.proxy_port}",
+            admin=f"{cfg.admin_listen.host}:{self.admin_port}",
+            routes=len(cfg.routes),
+            credentials=len(cfg.credentials),
+            store=cfg.store.kind,
+            pid=os.getpid(),
+        )
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
@@ -196,8 +193,14 @@ class Runtime:
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await self._stopping.wait()
-        event(log, logging.INFO, "stop", "draining in-flight requests",
-              in_flight=self.handler.in_flight, grace_seconds=self.config.shutdown_grace)
+        event(
+            log,
+            logging.INFO,
+            "stop",
+            "draining in-flight requests",
+            in_flight=self.handler.in_flight,
+            grace_seconds=self.config.shutdown_grace,
+        )
 
     def stop(self) -> None:
         self._stopping.set()
@@ -216,8 +219,13 @@ class Runtime:
         except ConfigError as exc:
             problems = [str(p) for p in exc.problems]
         if problems or new is None:
-            event(log, logging.ERROR, "config", "the new configuration is invalid; keeping the "
-                  "running one", problems=problems)
+            event(
+                log,
+                logging.ERROR,
+                "config",
+                "the new configuration is invalid; keeping the running one",
+                problems=problems,
+            )
             return False
         self.reload(new)
         return True
@@ -225,8 +233,12 @@ class Runtime:
     def reload(self, new: Config) -> None:
         """Swap in a new configuration; requests in flight finish on the old pipeline."""
         if new.store != self.config.store or new.proxy_listen != self.config.proxy_listen:
-            event(log, logging.WARNING, "config", "store and listen changes need a restart; "
-                  "they are not applied")
+            event(
+                log,
+                logging.WARNING,
+                "config",
+                "store and listen changes need a restart; they are not applied",
+            )
         old = self.engine
         self.engine = self._build(new, previous=old)
         self.config = new
@@ -234,8 +246,14 @@ class Runtime:
         self._register_secrets()
         scrubber().refresh_static()
         _ = self._owner.spawn(old.aclose(), name="close old engine")
-        event(log, logging.INFO, "config", "configuration reloaded", routes=len(new.routes),
-              credentials=len(new.credentials))
+        event(
+            log,
+            logging.INFO,
+            "config",
+            "configuration reloaded",
+            routes=len(new.routes),
+            credentials=len(new.credentials),
+        )
 
     async def _maintenance(self) -> None:
         """Re-read rotated certificate and secret files; refresh certificate metrics."""
@@ -262,8 +280,15 @@ class Runtime:
                 continue
             self.metrics.tls_cert_expiry.labels(kind, name).set(not_after)
             if not_after - now < CERT_WARN_SECONDS:
-                event(log, logging.WARNING, "tls", "client certificate expires soon",
-                      file=str(tls.cert), expires_at=rfc3339(not_after), **{kind: name})
+                event(
+                    log,
+                    logging.WARNING,
+                    "tls",
+                    "client certificate expires soon",
+                    file=str(tls.cert),
+                    expires_at=rfc3339(not_after),
+                    **{kind: name},
+                )
 
     async def aclose(self) -> None:
         for runner in self._runners:
@@ -295,9 +320,14 @@ class Runtime:
             checks["store"] = f"unreachable: {exc}"
         if self.config.ready_requires_tokens:
             health = self.engine.tokens.health
-            missing = [n for n, h in health.items() if h.last_refresh_at is None
-                       and self.config.credentials[n].subject_header is None]
-            checks["tokens"] = True if not missing else f"no token yet for {', '.join(sorted(missing))}"
+            missing = [
+                n
+                for n, h in health.items()
+                if h.last_refresh_at is None and self.config.credentials[n].subject_header is None
+            ]
+            checks["tokens"] = (
+                True if not missing else f"no token yet for {', '.join(sorted(missing))}"
+            )
         return all(v is True for v in checks.values()), checks
 
     async def seed(self, key: ChainKey, refresh_token: Secret) -> None:

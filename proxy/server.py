@@ -28,7 +28,9 @@ access_log = logging.getLogger("authproxy.access")
 log = logging.getLogger("authproxy.server")
 
 _SMALL_BODY: Final = 256 * 1024
-_REQUEST_ID_OK: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+_REQUEST_ID_OK: Final = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:"
+)
 
 
 def new_request_id() -> str:
@@ -143,7 +145,8 @@ class ProxyHandler:
         target = request._message.url  # the request-target as sent (absolute-form in forward mode)
         if request.method == "CONNECT":
             raise TunnelRefused(
-                f"CONNECT {target.raw_authority} refused: a tunnel cannot carry the injected token. "
+                f"CONNECT {target.raw_authority} refused: a tunnel cannot carry the injected "
+                "token. "
                 f"Call http://{target.raw_host}/... through the proxy (HTTP_PROXY) and authproxy "
                 "originates TLS to the upstream itself",
             )
@@ -151,7 +154,9 @@ class ProxyHandler:
         port: int | None = None
         if target.absolute:
             if target.scheme != "http":
-                raise BadRequest("forward mode takes http:// URLs; authproxy itself speaks TLS upstream")
+                raise BadRequest(
+                    "forward mode takes http:// URLs; authproxy itself speaks TLS upstream"
+                )
             if target.raw_user is not None or target.raw_password is not None:
                 raise BadRequest("userinfo (user@host) in the request target is not forwarded")
             host = target.raw_host
@@ -174,7 +179,9 @@ class ProxyHandler:
             request_id=request_id,
         )
 
-    async def _stream(self, request: web.BaseRequest, out: Outbound, request_id: str) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.BaseRequest, out: Outbound, request_id: str
+    ) -> web.StreamResponse:
         headers: CIMultiDict[str] = out.headers
         headers["X-Request-ID"] = request_id
         upstream = out.response
@@ -184,7 +191,9 @@ class ProxyHandler:
                 # Small bodies: one read and one write, cheaper than a streamed response.
                 body = await upstream.read()
                 headers.popall("Content-Length", None)
-                return web.Response(status=out.status, reason=out.reason, body=body, headers=headers)
+                return web.Response(
+                    status=out.status, reason=out.reason, body=body, headers=headers
+                )
             # Without Content-Length aiohttp picks chunked for HTTP/1.1 and close-delimited for 1.0.
             resp = web.StreamResponse(status=out.status, reason=out.reason, headers=headers)
             await resp.prepare(request)

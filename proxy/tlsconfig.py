@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
 
-from proxy.config import TlsConfig
+from proxy.config import Config, TlsConfig
 
 _MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -58,7 +58,7 @@ def load_client_chain(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
 
 
 def build_context(tls: TlsConfig | None) -> ssl.SSLContext:
-    """A verifying client context: system CAs (or `ca`), TLS >= min_version, optional client cert."""
+    """A verifying client context: system CAs (or `ca`), TLS >= min_version, client cert."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if tls is None:
         return ctx
@@ -67,7 +67,9 @@ def build_context(tls: TlsConfig | None) -> ssl.SSLContext:
         try:
             ctx.load_verify_locations(cafile=tls.ca)
         except (OSError, ssl.SSLError) as exc:
-            raise TlsError(f"cannot load CA bundle {tls.ca}: {getattr(exc, 'strerror', None) or exc}") from None
+            raise TlsError(
+                f"cannot load CA bundle {tls.ca}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
     if tls.insecure_skip_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -118,3 +120,21 @@ class ReloadingContext:
             self.context.load_verify_locations(cafile=self.tls.ca)
         self._stamp = stamp
         return True
+
+
+def check_tls_files(config: Config) -> list[str]:
+    """Load every configured TLS identity once; return problems worded with their field path."""
+    problems = []
+    for name, cred in config.credentials.items():
+        if cred.tls is not None:
+            try:
+                build_context(cred.tls)
+            except TlsError as exc:
+                problems.append(f"credentials.{name}.tls: {exc}")
+    for i, route in enumerate(config.routes):
+        if route.tls is not None:
+            try:
+                build_context(route.tls)
+            except TlsError as exc:
+                problems.append(f"routes[{i}].tls: {exc}")
+    return problems

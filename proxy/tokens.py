@@ -207,8 +207,10 @@ class TokenCache:
             health.breaker.failure(now, retry_after)
             message = _describe(exc)
             held = self._held(key)
-            if held is not None and now < held.usable_until and (
-                reject is None or held.value != reject.value
+            if (
+                held is not None
+                and now < held.usable_until
+                and (reject is None or held.value != reject.value)
             ):
                 # Stale-if-error: the current token has not expired; keep serving it.
                 self._set_state(key, CredentialState.DEGRADED, message)
@@ -253,14 +255,27 @@ class TokenCache:
         health = self.health[key.credential]
         if key.subject is not None and state is CredentialState.REAUTH_REQUIRED:
             # One user's chain needing a new seed does not make the credential unusable.
-            event(log, logging.WARNING, "state", error or "", credential=key.credential,
-                  subject_chain=True, state=state.value)
+            event(
+                log,
+                logging.WARNING,
+                "state",
+                error or "",
+                credential=key.credential,
+                subject_chain=True,
+                state=state.value,
+            )
             return
         health.last_error = error
         if health.state is not state:
-            event(log, logging.WARNING if state is not CredentialState.OK else logging.INFO,
-                  "state", error or "", credential=key.credential, state=state.value,
-                  previous=health.state.value)
+            event(
+                log,
+                logging.WARNING if state is not CredentialState.OK else logging.INFO,
+                "state",
+                error or "",
+                credential=key.credential,
+                state=state.value,
+                previous=health.state.value,
+            )
             health.state = state
             self._metrics.set_state(key.credential, state)
 

@@ -88,12 +88,19 @@ def map_client_error(exc: BaseException, route: str) -> ProxyError:
             route=route,
         )
     if isinstance(exc, aiohttp.ClientSSLError):
-        return UpstreamUnreachable(f"TLS handshake with the upstream of route {route} failed", route=route)
+        return UpstreamUnreachable(
+            f"TLS handshake with the upstream of route {route} failed", route=route
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamUnreachable(
-            f"cannot connect to the upstream of route {route}: {exc.os_error.strerror or exc.os_error}",
+            f"cannot connect to the upstream of route {route}: "
+            f"{exc.os_error.strerror or exc.os_error}",
             route=route,
         )
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return UpstreamUnreachable(f"the upstream of route {route} closed the connection", route=route)
-    return UpstreamUnreachable(f"the upstream of route {route} failed: {type(exc).__name__}", route=route)
+        return UpstreamUnreachable(
+            f"the upstream of route {route} closed the connection", route=route
+        )
+    return UpstreamUnreachable(
+        f"the upstream of route {route} failed: {type(exc).__name__}", route=route
+    )

@@ -78,8 +78,16 @@ def supervise(config: Config) -> int:
                 _mark_dead(proc.pid)
                 delay = min(MAX_RESTART_DELAY, restarts.get(index, 0.0) * 2 or 0.1)
                 restarts[index] = delay
-                event(log, logging.ERROR, "worker", "worker exited; restarting", worker=index,
-                      pid=proc.pid, exit_code=code, restart_in_seconds=delay)
+                event(
+                    log,
+                    logging.ERROR,
+                    "worker",
+                    "worker exited; restarting",
+                    worker=index,
+                    pid=proc.pid,
+                    exit_code=code,
+                    restart_in_seconds=delay,
+                )
                 time.sleep(delay)
                 start(index)
             time.sleep(0.2)

@@ -58,7 +58,7 @@ class ChainStore(Protocol):
         self,
         key: ChainKey,
         version: int,
-        timeout: float,  # noqa: ASYNC109 -- returns the record on timeout, never raises
+        timeout: float,
     ) -> ChainRecord | None:
         """Wait until the chain's version is greater than `version` (or its lease is free),
         at most `timeout` seconds; return the current record (which may be unchanged)."""

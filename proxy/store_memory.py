@@ -83,7 +83,7 @@ class MemoryStore:
         self,
         key: ChainKey,
         version: int,
-        timeout: float,  # noqa: ASYNC109 -- returns the record on timeout, never raises
+        timeout: float,
     ) -> ChainRecord | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

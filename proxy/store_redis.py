@@ -32,7 +32,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    InvalidResponse,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import StoreError, StoreUnavailable
@@ -93,6 +98,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+# Failures after which nothing was written and a later call may succeed: the store is
+# unavailable (SPEC: readiness fails, requests get token_unavailable). Anything else from
+# Redis (a WRONGTYPE from a foreign key under our prefix, ...) is a plain StoreError.
+UNAVAILABLE_ERRORS: Final = (
+    RedisConnectionError,  # refused, reset, auth failed, loading, too many connections
+    RedisTimeoutError,
+    TimeoutError,
+    OSError,
+    InvalidResponse,  # something that is not Redis answers at that address
+    ReadOnlyError,  # a replica, or a failover in progress
+    OutOfMemoryError,  # maxmemory reached with a noeviction policy
+)
 
 
 def redact_url(url: str) -> str:
@@ -205,7 +224,7 @@ class RedisStore:
         self,
         key: ChainKey,
         version: int,
-        timeout: float,  # noqa: ASYNC109 -- returns the record on timeout, never raises
+        timeout: float,
     ) -> ChainRecord | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -314,9 +333,9 @@ class RedisStore:
             raise StoreUnavailable(f"redis store {self.url} is closed")
         try:
             yield
-        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+        except UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(
-                f"redis store {self.url} unreachable: {self._reason(exc)}"
+                f"redis store {self.url} unavailable: {self._reason(exc)}"
             ) from exc
         except RedisError as exc:
             raise StoreError(f"redis store {self.url}: {self._reason(exc)}") from exc

@@ -158,7 +158,7 @@ class SqliteStore:
         self,
         key: ChainKey,
         version: int,
-        timeout: float,  # noqa: ASYNC109 -- returns the record on timeout, never raises
+        timeout: float,
     ) -> ChainRecord | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -247,6 +247,16 @@ async def test_extending_a_lease_keeps_it_past_its_first_ttl(
     assert not await other.acquire_lease(KEY, "other", ttl=30)
 
 
+async def test_leases_work_on_internal_subjects(store: ChainStore) -> None:
+    shared = ChainKey("payments", "\x00shared")  # what proxy.chains uses for shared tokens
+    assert await store.acquire_lease(shared, "a", ttl=30)
+    assert not await store.acquire_lease(shared, "b", ttl=30)
+    assert await store.acquire_lease(ChainKey("payments"), "b", ttl=30)
+    await store.release_lease(shared, "a")
+    assert await store.acquire_lease(shared, "b", ttl=30)
+    assert await store.subjects("payments") == []
+
+
 async def test_lease_ttl_must_be_positive(store: ChainStore) -> None:
     with pytest.raises(ValueError, match="ttl"):
         await store.acquire_lease(KEY, "me", ttl=0)
@@ -521,6 +531,37 @@ async def test_redis_store_recovers_after_the_server_restarts(redis_server: Redi
         assert (await store.seed(KEY, Secret("rt-two"))).version == 1
     finally:
         await redis_server.astart()
+        await store.aclose()
+
+
+async def test_redis_key_layout_is_the_documented_one(redis_url: str) -> None:
+    import redis.asyncio as redis
+    from redis.driver_info import DriverInfo
+
+    prefix = f"layout-{uuid.uuid4().hex[:8]}"
+    store = RedisStore(redis_url, key_prefix=prefix)
+    # An explicit DriverInfo keeps redis-py from reading package metadata on the loop.
+    raw = redis.from_url(redis_url, decode_responses=True, driver_info=DriverInfo(lib_version="t"))
+    try:
+        await store.seed(ChainKey("pay:oneer", "al/ice"), Secret("rt-one"))
+        await store.add_history(ChainKey("pay:oneer", "al/ice"), HistoryEvent(1.0, "seed", "ok", 1))
+        assert await store.acquire_lease(ChainKey("pay:oneer", "al/ice"), "me", ttl=30)
+        await store.put_shared_token("payments", token("at-shared"))
+        chain = f"{prefix}:chain:pay%3Aoneer:al%2Fice"
+        assert sorted(await raw.keys(f"{prefix}:*")) == sorted(
+            [
+                chain,
+                f"{prefix}:history:pay%3Aoneer:al%2Fice",
+                f"{prefix}:lease:pay%3Aoneer:al%2Fice",
+                f"{prefix}:subjects:pay%3Aoneer",
+                f"{prefix}:shared:payments",
+            ]
+        )
+        assert await raw.hget(chain, "version") == "1"
+        assert 0 < await raw.pttl(f"{prefix}:lease:pay%3Aoneer:al%2Fice") <= 30_000
+        assert 0 < await raw.pttl(f"{prefix}:shared:payments") <= 300_000
+    finally:
+        await raw.aclose()
         await store.aclose()
 
 

@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import Iterator
 from typing import Final
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis as redis_package
 import redis.asyncio as redis
@@ -147,7 +147,9 @@ class RedisStore:
     ) -> None:
         self.url = redact_url(url)
         self.prefix = key_prefix
-        self._password = urlsplit(url).password
+        password = urlsplit(url).password
+        # Both spellings, to scrub from any text a driver exception might carry.
+        self._secrets = {password, unquote(password)} - {""} if password else set()
         self._closed = False
         try:
             self._client: redis.Redis = redis.from_url(
@@ -342,6 +344,6 @@ class RedisStore:
 
     def _reason(self, exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if self._password:
-            text = text.replace(self._password, "***")
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
         return text

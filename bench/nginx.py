@@ -31,12 +31,13 @@ master_process on;
 worker_processes {workers};
 pid {root}/nginx.pid;
 error_log {root}/error.log warn;
-events {{ worker_connections 8192; multi_accept on; }}
+worker_rlimit_nofile 65536;
+events {{ worker_connections 20000; multi_accept on; }}
 http {{
     access_log off;
     server_tokens off;
     sendfile on;
-    tcp_nopush on;
+    tcp_nopush off;  # on: TCP_CORK + delayed ACK gave 40 ms p99 stalls on 64 KiB bodies
     tcp_nodelay on;
     keepalive_timeout 120s;
     keepalive_requests 1000000;

@@ -161,9 +161,13 @@ def start_contenders(
                 b: wrk.forward_script(work / f"fwd-{b}.lua", "bench.local", f"/{b}")
                 for b in ("small", "large")
             }
-            servers.check_bearer("http://bench.local/whoami", fwd_c.name, proxy=ap.base)
-        except StartError as e:
+        except (StartError, OSError) as e:
             base_c.skipped = fwd_c.skipped = str(e)
+        else:
+            try:
+                servers.check_bearer("http://bench.local/whoami", fwd_c.name, proxy=ap.base)
+            except (StartError, OSError) as e:
+                fwd_c.skipped = f"forward mode: {e}"
         out += [c for c in (base_c, fwd_c) if wanted(c.name)]
     return out
 

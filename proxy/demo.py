@@ -994,7 +994,7 @@ class EchoServer(_Served):
         record = EchoRequest(
             method=request.method,
             path=request.path,
-            query=request.query_string,
+            query=request.rel_url.raw_query_string,
             headers=list(request.headers.items()),
             token=token,
             token_valid=await self._check(token),

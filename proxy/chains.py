@@ -45,6 +45,10 @@ SHARED_SUBJECT = "\x00shared"
 MAX_CHAIN_MOVES = 3
 
 
+class _ChainMoved(Exception):
+    """The provider refused our token because the chain moved on without us: read it again."""
+
+
 def _owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -187,8 +191,10 @@ class RefreshChainSource:
             if _fresh(rec.access_token, now, reject):
                 assert rec.access_token is not None
                 return rec.access_token
+            interrupted: str | None = None
             if rec.rotating_since is not None:
                 # A previous holder died mid-call: the provider may or may not have rotated.
+                interrupted = f"pid {rec.rotating_pid} at {_iso(rec.rotating_since)}"
                 await self._history(
                     key,
                     "interrupted",
@@ -207,17 +213,22 @@ class RefreshChainSource:
             )
             if not await self.store.compare_and_set(intent, expected_version=rec.version):
                 continue  # the chain moved under us (an expired lease): read again
-            return await self._call_provider(key, intent)
+            try:
+                return await self._call_provider(key, intent, interrupted)
+            except _ChainMoved:
+                continue  # invalid_grant, but a newer token was stored meanwhile: use it
         raise TokenUnavailable(f"the chain {key} keeps moving; try again", retry_after=1.0)
 
-    async def _call_provider(self, key: ChainKey, rec: ChainRecord) -> AccessToken:
+    async def _call_provider(
+        self, key: ChainKey, rec: ChainRecord, interrupted: str | None
+    ) -> AccessToken:
         grace = self.cred.rotation_grace
         try:
             resp = await self.endpoint.refresh(
                 rec.refresh_token, budget=self._call_budget, retry=grace > 0
             )
         except InvalidGrant as exc:
-            return await self._on_invalid_grant(key, rec, exc)
+            return await self._on_invalid_grant(key, rec, exc, interrupted)
         except TokenEndpointError as exc:
             # Outcome unknown (maybe committed, answer lost): keep the token, clear the intent;
             # the next attempt retries with the same token.
@@ -273,20 +284,24 @@ class RefreshChainSource:
         return resp.access_token
 
     async def _on_invalid_grant(
-        self, key: ChainKey, rec: ChainRecord, exc: InvalidGrant
+        self, key: ChainKey, rec: ChainRecord, exc: InvalidGrant, interrupted: str | None
     ) -> AccessToken:
         current = await self.store.get(key)
         if current is not None and current.refresh_token != rec.refresh_token:
             # Another process rotated (or someone seeded) meanwhile: use the newer chain.
-            _check_state(current)
-            if current.access_token is not None and current.access_token.usable(self._clock()):
-                return current.access_token
-            raise TokenUnavailable(f"the chain {key} moved; retrying", retry_after=1.0) from exc
-        interrupted = rec.rotating_pid is not None and rec.rotating_pid != self._pid
+            await self._history(
+                key,
+                "failure",
+                "invalid_grant",
+                rec.refresh_token,
+                "refused, but the chain had moved on; using the newer token",
+            )
+            raise _ChainMoved from exc
         reason = (
             "the provider refused the refresh token (invalid_grant)"
             + (
-                ": an interrupted rotation may have rotated it and the new token never arrived"
+                f": an interrupted rotation ({interrupted}) may have rotated it and the new "
+                "token never arrived"
                 if interrupted
                 else ""
             )

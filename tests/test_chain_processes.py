@@ -1,0 +1,311 @@
+"""Real `authproxy` processes sharing one SQLite store: rotation storms across processes, and
+SIGKILL in the middle of a rotation. The token server revokes a used refresh token at once
+and treats reuse outside its grace window as theft (the whole family is revoked)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from proxy.demo import EchoServer, TokenServer
+from tests.conftest import CLIENT_SECRET
+from tests.redis_fixture import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class ProxyProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    admin: int
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+class Fleet:
+    """Proxy processes started by one test; each is stopped by its PID at the end."""
+
+    def __init__(
+        self, tmp_path: Path, token_server: TokenServer, echo: EchoServer, store: dict[str, Any]
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.token_server = token_server
+        self.echo = echo
+        self.store = store
+        self.procs: list[ProxyProcess] = []
+
+    def config(self, port: int, admin: int) -> Path:
+        raw = {
+            "listen": {"proxy": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{admin}"},
+            "store": self.store,
+            "credentials": {
+                "po": {
+                    "grant": "refresh_token",
+                    "token_url": str(self.token_server.token_url),
+                    "client_id": "demo-client",
+                    "client_secret": {"env": "TEST_CLIENT_SECRET"},
+                    "rotation_grace": f"{self.token_server.reuse_grace}s",
+                    "timeout": "3s",
+                }
+            },
+            "routes": [
+                {
+                    "name": "po",
+                    "match": {"prefix": "/po"},
+                    "upstream": f"{self.echo.url}/api",
+                    "credential": "po",
+                }
+            ],
+        }
+        path = self.tmp_path / f"proxy-{port}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    async def start(self, session: aiohttp.ClientSession) -> ProxyProcess:
+        port, admin = free_port(), free_port()
+        path = self.config(port, admin)
+        with (self.tmp_path / f"proxy-{port}.log").open("wb") as log:  # the child keeps its own fd
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "-c", str(path)], stderr=log
+            )
+        p = ProxyProcess(proc, port, admin)
+        self.procs.append(p)
+        for _ in range(300):
+            assert proc.poll() is None, "the proxy exited at start"
+            try:
+                async with session.get(f"http://127.0.0.1:{admin}/healthz") as resp:
+                    if resp.status == 200:
+                        return p
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+        raise AssertionError("the proxy did not become healthy")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        path = self.config(free_port(), free_port())
+        return subprocess.run(
+            [sys.executable, "-m", "proxy", *args, "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def seed(self, token: str) -> None:
+        f = self.tmp_path / "rt.txt"
+        f.write_text(token)
+        result = self.cli("seed", "po", "--refresh-token-file", str(f))
+        assert result.returncode == 0, result.stderr
+        assert token not in result.stdout + result.stderr
+
+    def logs(self) -> str:
+        return "".join(p.read_text() for p in self.tmp_path.glob("proxy-*.log"))
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                p.proc.wait()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(trust_env=False) as s:
+        yield s
+
+
+@pytest.fixture
+def fleet_factory(tmp_path: Path) -> Iterator[Any]:
+    fleets: list[Fleet] = []
+
+    def make(
+        token_server: TokenServer, echo: EchoServer, store: dict[str, Any] | None = None
+    ) -> Fleet:
+        f = Fleet(
+            tmp_path,
+            token_server,
+            echo,
+            store or {"kind": "sqlite", "path": str(tmp_path / "chains.db")},
+        )
+        fleets.append(f)
+        return f
+
+    yield make
+    for f in fleets:
+        f.stop_all()
+
+
+async def drive(
+    session: aiohttp.ClientSession, procs: list[ProxyProcess], total: int, concurrency: int
+) -> list[int]:
+    """A bounded load: `total` requests spread over the processes, `concurrency` at a time."""
+    statuses: list[int] = []
+    counter = iter(range(total))
+
+    async def worker(n: int) -> None:
+        for i in counter:
+            p = procs[(i + n) % len(procs)]
+            async with session.get(
+                p.url(f"/po/accounts/{i}"), timeout=aiohttp.ClientTimeout(total=20)
+            ) as resp:
+                await resp.read()
+                statuses.append(resp.status)
+
+    await asyncio.gather(*(worker(n) for n in range(concurrency)))
+    return statuses
+
+
+async def test_processes_sharing_sqlite_rotate_without_invalid_grant(
+    fleet_factory: Any, session: aiohttp.ClientSession
+) -> None:
+    async with (
+        TokenServer(
+            client_secret=CLIENT_SECRET, expires_in=2, reuse_grace=0, token_prefix="mp"
+        ) as idp,
+        EchoServer(tokens=idp) as echo,
+    ):
+        fleet = fleet_factory(idp, echo)
+        fleet.seed(idp.seed_refresh_token())
+        procs = [await fleet.start(session) for _ in range(3)]
+        # Bounded load that spans several access-token lifetimes (2 s each).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 45  # bounded in time and in count
+        statuses: list[int] = []
+        while idp.rotations[None] < 6 and loop.time() < deadline and len(statuses) < 200_000:
+            statuses += await drive(session, procs, total=150, concurrency=12)
+        assert idp.rotations[None] >= 6, "the load did not span several token lifetimes"
+        assert set(statuses) == {200}
+        assert idp.invalid_grant == 0
+        assert idp.revoked_families == 0
+        # Exactly one rotation per access token the API saw: no process rotated twice per expiry.
+        used = {t for t in echo.requests_by_token if t}
+        assert idp.rotations[None] in (len(used), len(used) + 1)  # +1: a rotation not yet used
+        status = fleet.cli("status", "--json")
+        assert status.returncode == 0, status.stdout
+        cred = json.loads(status.stdout)["credentials"][0]
+        assert cred["state"] == "ok"
+        assert {h["event"] for h in cred["history"]} <= {"rotate", "seed"}
+        pids = {h["pid"] for h in cred["history"] if h["event"] == "rotate"}
+        assert len(pids) >= 2, "rotations came from one process only; the storm was not shared"
+        logs = fleet.logs()
+        for token in idp.issued_tokens():
+            assert token not in logs
+
+
+async def start_refresh_and_kill(
+    fleet: Fleet, idp: TokenServer, session: aiohttp.ClientSession
+) -> None:
+    """Start a proxy, hold its first refresh call at the provider, SIGKILL it there, release."""
+    p = await fleet.start(session)
+    gate = asyncio.Event()
+    idp.gate = gate
+    request = asyncio.ensure_future(session.get(p.url("/po/accounts")))
+    while idp.held == 0:
+        await asyncio.sleep(0.01)
+    p.proc.send_signal(signal.SIGKILL)
+    p.proc.wait(timeout=10)
+    with pytest.raises(aiohttp.ClientError):
+        await request
+    idp.gate = None
+    gate.set()  # the provider now processes the abandoned call: it rotates, nobody hears it
+    await idp.wait_requests(1)
+    for _ in range(200):
+        if idp.rotations[None] == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert idp.rotations[None] == 1
+
+
+async def test_killed_mid_rotation_recovers_within_the_grace_window(
+    fleet_factory: Any, session: aiohttp.ClientSession
+) -> None:
+    async with (
+        TokenServer(
+            client_secret=CLIENT_SECRET, expires_in=60, reuse_grace=30, token_prefix="kg"
+        ) as idp,
+        EchoServer(tokens=idp) as echo,
+    ):
+        fleet = fleet_factory(idp, echo)
+        fleet.seed(idp.seed_refresh_token())
+        await start_refresh_and_kill(fleet, idp, session)
+        survivor = await fleet.start(session)
+        async with session.get(survivor.url("/po/accounts")) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["token_valid"] is True
+        assert idp.grace_reuses == 1
+        assert idp.invalid_grant == 0
+        async with session.get(f"http://127.0.0.1:{survivor.admin}/admin/credentials") as resp:
+            cred = (await resp.json())["credentials"][0]
+        events = [h["event"] for h in cred["history"]]
+        assert events[:2] == ["rotate", "interrupted"]
+        assert cred["state"] == "ok"
+
+
+async def test_killed_mid_rotation_after_the_grace_window_says_so_clearly(
+    fleet_factory: Any, session: aiohttp.ClientSession
+) -> None:
+    async with (
+        TokenServer(
+            client_secret=CLIENT_SECRET, expires_in=60, reuse_grace=0, token_prefix="kx"
+        ) as idp,
+        EchoServer(tokens=idp) as echo,
+    ):
+        fleet = fleet_factory(idp, echo)
+        fleet.seed(idp.seed_refresh_token())
+        await start_refresh_and_kill(fleet, idp, session)
+        survivor = await fleet.start(session)
+        async with session.get(survivor.url("/po/accounts")) as resp:
+            assert resp.status == 503
+            body = await resp.json()
+        assert body["error"] == "reauth_required"
+        assert "interrupted rotation" in body["message"]
+        status = fleet.cli("status")
+        assert status.returncode == 3
+        assert "reauth_required" in status.stdout
+        assert "interrupted" in status.stdout
+        # Seeding anew brings the chain back.
+        fleet.seed(idp.seed_refresh_token())
+        async with session.get(survivor.url("/po/accounts")) as resp:
+            assert resp.status == 200
+
+
+async def test_killed_after_a_rotation_the_next_process_continues(
+    fleet_factory: Any, session: aiohttp.ClientSession
+) -> None:
+    async with (
+        TokenServer(
+            client_secret=CLIENT_SECRET, expires_in=60, reuse_grace=0, token_prefix="ka"
+        ) as idp,
+        EchoServer(tokens=idp) as echo,
+    ):
+        fleet = fleet_factory(idp, echo)
+        fleet.seed(idp.seed_refresh_token())
+        first = await fleet.start(session)
+        async with session.get(first.url("/po/accounts")) as resp:
+            assert resp.status == 200
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(timeout=10)
+        second = await fleet.start(session)
+        for _ in range(5):
+            async with session.get(second.url("/po/accounts")) as resp:
+                assert resp.status == 200
+        # The stored access token was still fresh: no second rotation was needed.
+        assert idp.rotations[None] == 1
+        assert idp.invalid_grant == 0

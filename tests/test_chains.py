@@ -1,0 +1,290 @@
+"""Rotating refresh-token chains: one rotation per expiry, recovery from every failure the
+issue lists, nothing ever deleted. The engine runs in-process against the real token server;
+expiries are driven by an injected clock (a plain callable), so no test sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.chains import RefreshChainSource
+from proxy.config import parse_config
+from proxy.demo import FaultKind, TokenServer
+from proxy.errors import ReauthRequired, TokenUnavailable
+from proxy.metrics import Metrics
+from proxy.models import ChainKey, CredentialState, Secret
+from proxy.oauth import TokenEndpoint
+from proxy.store import ChainStore
+from proxy.store_memory import MemoryStore
+from proxy.store_sqlite import SqliteStore
+from proxy.tokens import TokenCache
+from tests.conftest import CLIENT_SECRET
+
+
+class Clock:
+    """Time the engine sees; tests move it instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_900_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Engine:
+    cache: TokenCache
+    chain: RefreshChainSource
+    store: ChainStore
+    clock: Clock
+    metrics: Metrics
+
+
+def credential(token_server: TokenServer, **extra: Any) -> Any:
+    raw = {
+        "store": {"kind": "memory"},
+        "credentials": {
+            "po": {
+                "grant": "refresh_token",
+                "token_url": str(token_server.token_url),
+                "client_id": "demo-client",
+                "client_secret": {"env": "TEST_CLIENT_SECRET"},
+                "subject_header": "X-User",
+                **extra,
+            }
+        },
+    }
+    return parse_config(raw).credentials["po"]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ChainStore]:
+    s: ChainStore = (
+        MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "chains.db")
+    )
+    yield s
+    await s.aclose()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(trust_env=False) as s:
+        yield s
+
+
+def build(
+    token_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession, **extra: Any
+) -> Engine:
+    clock = Clock()
+    metrics = Metrics()
+    endpoint = TokenEndpoint(
+        credential(token_server, **extra), lambda: session, metrics, clock=clock
+    )
+    chain = RefreshChainSource(endpoint, store, metrics, clock=clock)
+    cache = TokenCache({"po": chain}, metrics, clock=clock)
+    return Engine(cache, chain, store, clock, metrics)
+
+
+@pytest.fixture
+async def rotating_server() -> AsyncIterator[TokenServer]:
+    server = TokenServer(
+        client_secret=CLIENT_SECRET, expires_in=300, reuse_grace=30, token_prefix="rot"
+    )
+    await server.start()
+    yield server
+    await server.aclose()
+
+
+KEY = ChainKey("po", "alice")
+
+
+async def test_1000_concurrent_requests_across_50_expiries_rotate_once_each(
+    rotating_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    engine = build(rotating_server, store, session)
+    await engine.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
+    seen: set[str] = set()
+    for _expiry in range(50):
+        tokens = await asyncio.gather(*(engine.cache.get(KEY) for _ in range(1000)))
+        values = {t.value.reveal() for t in tokens}
+        assert len(values) == 1  # all 1000 got the same, freshly rotated token
+        seen |= values
+        engine.clock.now += 301  # past expiry: the next burst needs a new token
+    assert rotating_server.rotations["alice"] == 50
+    assert rotating_server.invalid_grant == 0
+    assert rotating_server.revoked_families == 0
+    assert len(seen) == 50
+    rec = await store.get(KEY)
+    assert rec is not None
+    assert rec.state is CredentialState.OK
+    assert rec.version >= 50
+    misses = engine.metrics.registry.get_sample_value(
+        "authproxy_token_cache_total", {"credential": "po", "result": "miss"}
+    )
+    assert misses == 50
+    history = await store.history(KEY, 5)
+    assert [e.event for e in history] == ["rotate"] * 5
+    assert all(e.token_fingerprint and e.token_fingerprint.startswith("sha256:") for e in history)
+
+
+@pytest.mark.parametrize("fault", [FaultKind.HTTP_500_AFTER_COMMIT, FaultKind.DROP_AFTER_COMMIT])
+async def test_lost_answer_is_recovered_within_the_grace_window(
+    rotating_server: TokenServer,
+    store: ChainStore,
+    session: aiohttp.ClientSession,
+    fault: FaultKind,
+) -> None:
+    engine = build(rotating_server, store, session, rotation_grace="30s")
+    await engine.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
+    rotating_server.fail_next(1, fault)
+    token = await engine.cache.get(KEY)
+    assert rotating_server.is_valid(token.value.reveal())
+    assert rotating_server.faults_served[fault] == 1
+    assert rotating_server.grace_reuses == 1  # the retry used the same token and got the same pair
+    assert rotating_server.invalid_grant == 0
+    engine.clock.now += 301
+    again = await engine.cache.get(KEY)  # the chain goes on from the recovered token
+    assert again.value != token.value
+    assert rotating_server.invalid_grant == 0
+    assert rotating_server.revoked_families == 0
+
+
+async def test_transient_failure_without_answer_keeps_the_chain(
+    rotating_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    engine = build(rotating_server, store, session, rotation_grace="30s", timeout="2s")
+    seed = rotating_server.seed_refresh_token("alice")
+    await engine.chain.seed(KEY, Secret(seed))
+    rotating_server.outage = True
+    with pytest.raises(TokenUnavailable):
+        await engine.cache.get(KEY)
+    rec = await store.get(KEY)
+    assert rec is not None
+    assert rec.refresh_token.reveal() == seed  # kept, not wiped
+    assert rec.state is CredentialState.OK
+    assert rec.rotating_since is None
+    assert rec.last_error is not None
+    rotating_server.outage = False
+    engine.clock.now += 60  # past the breaker's cooldown
+    token = await engine.cache.get(KEY)
+    assert rotating_server.is_valid(token.value.reveal())
+    assert rotating_server.invalid_grant == 0
+
+
+async def test_invalid_grant_marks_reauth_required_and_keeps_the_token(
+    rotating_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    engine = build(rotating_server, store, session)
+    seed = rotating_server.seed_refresh_token("alice")
+    rotating_server.revoke(seed)
+    await engine.chain.seed(KEY, Secret(seed))
+    with pytest.raises(ReauthRequired, match="authproxy seed po --subject alice"):
+        await engine.cache.get(KEY)
+    calls = rotating_server.requests
+    rec = await store.get(KEY)
+    assert rec is not None
+    assert rec.state is CredentialState.REAUTH_REQUIRED
+    assert rec.refresh_token.reveal() == seed  # kept for diagnosis
+    history = await store.history(KEY, 5)
+    assert history[0].event == "reauth_required"
+    assert history[0].token_fingerprint == Secret(seed).fingerprint()
+    # Until it is seeded anew: answered at once, without calling the provider.
+    for _ in range(5):
+        with pytest.raises(ReauthRequired):
+            await engine.cache.get(KEY)
+    assert rotating_server.requests == calls
+    await engine.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
+    engine.cache.forget(KEY)
+    token = await engine.cache.get(KEY)
+    assert rotating_server.is_valid(token.value.reveal())
+
+
+async def test_invalid_grant_after_another_writer_moved_the_chain_uses_the_new_one(
+    rotating_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    engine = build(rotating_server, store, session)
+    old = rotating_server.seed_refresh_token("alice")
+    await engine.chain.seed(KEY, Secret(old))
+    gate = asyncio.Event()
+    rotating_server.gate = gate
+    pending = asyncio.ensure_future(engine.cache.get(KEY))
+    while rotating_server.held == 0:  # our refresh call is now parked at the provider
+        await asyncio.sleep(0.01)
+    # Meanwhile someone seeds a fresh chain and the old token is revoked at the provider.
+    await store.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
+    rotating_server.revoke(old)
+    gate.set()
+    rotating_server.gate = None
+    token = await pending  # the refused call is followed at once by one with the newer token
+    assert rotating_server.is_valid(token.value.reveal())
+    assert rotating_server.invalid_grant == 1
+    rec = await store.get(KEY)
+    assert rec is not None
+    assert rec.state is CredentialState.OK  # not marked reauth_required
+    events = [e.event for e in await store.history(KEY, 5)]
+    assert events[:2] == ["rotate", "failure"]
+
+
+async def test_cancelled_requests_do_not_cancel_the_rotation(
+    rotating_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    engine = build(rotating_server, store, session)
+    await engine.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
+    gate = asyncio.Event()
+    rotating_server.gate = gate
+    waiters = [asyncio.ensure_future(engine.cache.get(KEY)) for _ in range(20)]
+    while rotating_server.held == 0:
+        await asyncio.sleep(0.01)
+    for w in waiters[:10]:
+        w.cancel()
+    gate.set()
+    rotating_server.gate = None
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    tokens = {r.value.reveal() for r in results if not isinstance(r, BaseException)}
+    assert len(tokens) == 1
+    assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 10
+    assert rotating_server.rotations["alice"] == 1
+    rec = await store.get(KEY)
+    assert rec is not None
+    assert rec.access_token is not None
+    assert rec.access_token.value.reveal() in tokens
+
+
+@pytest.mark.slow
+async def test_10000_subjects_have_their_own_chains_within_budget(
+    rotating_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
+    store = MemoryStore()
+    engine = build(rotating_server, store, session)
+    subjects = [f"user-{i}" for i in range(10_000)]
+    for s in subjects:
+        await store.seed(ChainKey("po", s), Secret(rotating_server.seed_refresh_token(s)))
+    rss_before = _rss_kib()
+    sem = asyncio.Semaphore(64)
+
+    async def one(s: str) -> str:
+        async with sem:
+            return (await engine.cache.get(ChainKey("po", s))).value.reveal()
+
+    tokens = await asyncio.gather(*(one(s) for s in subjects))
+    assert len(set(tokens)) == 10_000
+    assert rotating_server.invalid_grant == 0
+    assert sum(rotating_server.rotations[s] for s in subjects) == 10_000
+    grown_mib = (_rss_kib() - rss_before) / 1024
+    # Budget stated in the README: 10,000 cached per-user chains cost under 64 MiB.
+    assert grown_mib < 64, f"10,000 chains grew RSS by {grown_mib:.1f} MiB"
+    await store.aclose()
+
+
+def _rss_kib() -> int:
+    for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")

@@ -7,6 +7,7 @@ form and headers of one token request.
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 import uuid
 from collections.abc import Callable
@@ -15,9 +16,12 @@ from typing import Final
 from urllib.parse import quote
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.config import CredentialConfig
+from proxy.config import CredentialConfig, SecretRef
+from proxy.errors import InvalidClient
 from proxy.models import Secret
+from proxy.tlsconfig import TlsError, parse_private_key
 
 JWT_ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME: Final = 60.0
@@ -54,8 +58,9 @@ def _secret_post(cred: CredentialConfig, parts: TokenRequestParts, secret: Secre
 def _private_key_jwt(
     cred: CredentialConfig, parts: TokenRequestParts, secret: Secret | None
 ) -> None:
-    assert cred.private_key is not None  # config validation requires it
-    pem = cred.private_key.resolve().reveal()
+    # RFC 7523 2.2 / 3: a short-lived assertion signed by the client's key, aud = token endpoint,
+    # a fresh jti every time (servers refuse a replayed jti).
+    key, alg = signing_key(cred)
     client_id = _client_id(cred)
     now = int(time.time())
     claims = {
@@ -66,29 +71,71 @@ def _private_key_jwt(
         "iat": now,
         "exp": now + int(ASSERTION_LIFETIME),
     }
-    alg = cred.private_key_alg or ("ES256" if "EC PRIVATE" in pem or _is_ec(pem) else "RS256")
     headers = {"kid": cred.key_id} if cred.key_id else None
     parts.form["client_id"] = client_id
     parts.form["client_assertion_type"] = JWT_ASSERTION_TYPE
-    parts.form["client_assertion"] = jwt.encode(claims, pem, algorithm=alg, headers=headers)
+    parts.form["client_assertion"] = jwt.encode(claims, key, algorithm=alg, headers=headers)
 
 
-def _is_ec(pem: str) -> bool:
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
-    try:
-        return isinstance(
-            load_pem_private_key(pem.encode(), password=None), ec.EllipticCurvePrivateKey
+# One parsed key per (credential, key text): the key file is re-read when it changes
+# (SecretRef.resolve), and a rotated key is parsed once.
+_KEYS: dict[tuple[str, str], tuple[SigningKey, str]] = {}
+
+
+def signing_key(cred: CredentialConfig) -> tuple[SigningKey, str]:
+    """The credential's `private_key` and its JWS algorithm; `InvalidClient` when unusable.
+
+    The algorithm is `private_key_alg` when set, else RS256 for an RSA key and ES256 for an
+    EC P-256 key. An encrypted key is decrypted with `private_key_password` (when the config
+    offers that key)."""
+    if cred.private_key is None:
+        raise InvalidClient(
+            "private_key_missing", f"{cred.name}: private_key_jwt needs private_key"
         )
-    except (ValueError, TypeError):
-        return False
+    try:
+        pem = cred.private_key.resolve().reveal()
+    except (OSError, KeyError) as exc:
+        raise InvalidClient(
+            "private_key_unreadable",
+            f"cannot read the private key of {cred.name} ({cred.private_key.describe()}): {exc}",
+        ) from None
+    cache_key = (cred.name, hashlib.sha256(pem.encode()).hexdigest())
+    cached = _KEYS.get(cache_key)
+    if cached is not None:
+        return cached
+    where = cred.private_key.name if cred.private_key.source == "file" else cred.name
+    password_ref: SecretRef | None = getattr(cred, "private_key_password", None)
+    try:
+        key = parse_private_key(pem.encode(), where, password_ref, "private key")
+    except TlsError as exc:
+        raise InvalidClient("private_key_unusable", str(exc)) from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        alg = cred.private_key_alg or "RS256"
+        ok = alg in ("RS256", "PS256")
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        alg = cred.private_key_alg or "ES256"
+        ok = alg == "ES256" and key.curve.name == "secp256r1"
+    else:
+        alg, ok = cred.private_key_alg or "?", False
+    if not ok:
+        raise InvalidClient(
+            "private_key_unusable",
+            f"private key {where} cannot sign {alg} (RS256/PS256 need RSA, ES256 needs EC P-256)",
+        )
+    assert isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+    if len(_KEYS) > 64:
+        _KEYS.clear()
+    _KEYS[cache_key] = (key, alg)
+    return key, alg
 
 
 def _tls_client_auth(
     cred: CredentialConfig, parts: TokenRequestParts, secret: Secret | None
 ) -> None:
     # RFC 8705 2: the certificate on the TLS session is the credential; only client_id is sent.
+    # The session is the credential's own TLS identity (tls.cert), so the handshake carries it.
     parts.form["client_id"] = _client_id(cred)
 
 

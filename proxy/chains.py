@@ -137,8 +137,9 @@ class RefreshChainSource:
 
     @property
     def lease_ttl(self) -> float:
-        # Longer than one provider call with its retries, so a live holder never loses it.
-        return self._call_budget + 10.0
+        # Longer than one provider call with its retries (bounded by the budget), so a live
+        # holder never loses it; short enough that a dead holder delays the next one little.
+        return self._call_budget + 5.0
 
     @property
     def _call_budget(self) -> float:

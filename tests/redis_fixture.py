@@ -41,8 +41,11 @@ def answers_ping(port: int) -> bool:
 class RedisServer:
     """One redis-server process we started; `url` stays the same across stop/start."""
 
-    def __init__(self, executable: str, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, executable: str, workdir: Path, port: int | None = None, *, appendonly: bool = False
+    ) -> None:
         self.executable = executable
+        self.appendonly = appendonly  # fsync every write, so a killed server keeps its chains
         self.workdir = workdir
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -76,7 +79,9 @@ class RedisServer:
                     "--save",
                     "",
                     "--appendonly",
-                    "no",
+                    "yes" if self.appendonly else "no",
+                    "--appendfsync",
+                    "always",
                     "--dir",
                     str(self.workdir),
                     "--protected-mode",

@@ -8,31 +8,18 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from proxy.demo import EchoServer, TokenServer
 from tests.conftest import CLIENT_SECRET
-from tests.redis_fixture import free_port
+from tests.proxyproc import ProxyProcess, run_cli, start_proxy, stop_processes, write_config
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class ProxyProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    admin: int
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
 
 
 class Fleet:
@@ -47,9 +34,8 @@ class Fleet:
         self.store = store
         self.procs: list[ProxyProcess] = []
 
-    def config(self, port: int, admin: int) -> Path:
-        raw = {
-            "listen": {"proxy": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{admin}"},
+    def raw(self) -> dict[str, Any]:
+        return {
             "store": self.store,
             "credentials": {
                 "po": {
@@ -70,38 +56,15 @@ class Fleet:
                 }
             ],
         }
-        path = self.tmp_path / f"proxy-{port}.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        return path
 
     async def start(self, session: aiohttp.ClientSession) -> ProxyProcess:
-        port, admin = free_port(), free_port()
-        path = self.config(port, admin)
-        with (self.tmp_path / f"proxy-{port}.log").open("wb") as log:  # the child keeps its own fd
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "-c", str(path)], stderr=log
-            )
-        p = ProxyProcess(proc, port, admin)
+        p = await start_proxy(session, self.tmp_path, self.raw())
         self.procs.append(p)
-        for _ in range(300):
-            assert proc.poll() is None, "the proxy exited at start"
-            try:
-                async with session.get(f"http://127.0.0.1:{admin}/healthz") as resp:
-                    if resp.status == 200:
-                        return p
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-        raise AssertionError("the proxy did not become healthy")
+        return p
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        path = self.config(free_port(), free_port())
-        return subprocess.run(
-            [sys.executable, "-m", "proxy", *args, "-c", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        path = write_config(self.tmp_path, self.raw(), "cli")
+        return run_cli(*args, "-c", str(path))
 
     def seed(self, token: str) -> None:
         f = self.tmp_path / "rt.txt"
@@ -111,18 +74,10 @@ class Fleet:
         assert token not in result.stdout + result.stderr
 
     def logs(self) -> str:
-        return "".join(p.read_text() for p in self.tmp_path.glob("proxy-*.log"))
+        return "".join(p.log.read_text() for p in self.procs)
 
     def stop_all(self) -> None:
-        for p in self.procs:
-            if p.proc.poll() is None:
-                p.proc.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.proc.kill()
-                p.proc.wait()
+        stop_processes(self.procs)
 
 
 @pytest.fixture

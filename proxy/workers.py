@@ -75,7 +75,7 @@ def supervise(config: Config) -> int:
                 code = proc.poll()
                 if code is None:
                     continue
-                _mark_dead(proc.pid)
+                _mark_dead(proc.pid, metrics_dir)
                 delay = min(MAX_RESTART_DELAY, restarts.get(index, 0.0) * 2 or 0.1)
                 restarts[index] = delay
                 event(
@@ -118,10 +118,11 @@ def _stop_all(workers: dict[int, subprocess.Popen[bytes]], grace: float) -> int:
     return code
 
 
-def _mark_dead(pid: int) -> None:
-    try:
-        from prometheus_client import multiprocess
+def _mark_dead(pid: int, metrics_dir: str) -> None:
+    """Drop a dead worker's live gauges (its counters stay: they are history)."""
+    from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
-    except (ImportError, OSError, KeyError):
-        pass
+    try:
+        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+    except OSError as exc:
+        event(log, logging.WARNING, "worker", f"could not clear metrics of pid {pid}: {exc}")

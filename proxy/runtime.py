@@ -369,6 +369,9 @@ async def credential_status(
             try:
                 if cred.subject_header:
                     item["subjects"] = len(await store.subjects(name))
+                    if item["state"] == "unknown":
+                        # Per-user chains carry their own states; the credential itself is usable.
+                        item["state"] = CredentialState.OK.value
                 else:
                     rec = await store.get(ChainKey(name))
                     if rec is None:

@@ -1,0 +1,157 @@
+"""`authproxy seed`, `status` and `demo` as a user runs them: real processes, real curl."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.demo import TokenServer
+from tests.conftest import CLIENT_SECRET
+from tests.proxyproc import run_cli
+from tests.redis_fixture import free_port
+
+
+def chain_config(tmp_path: Path, token_server: TokenServer) -> Path:
+    raw: dict[str, Any] = {
+        "store": {"kind": "sqlite", "path": str(tmp_path / "cli.db")},
+        "listen": {"proxy": f"127.0.0.1:{free_port()}", "admin": f"127.0.0.1:{free_port()}"},
+        "credentials": {
+            "po": {
+                "grant": "refresh_token",
+                "token_url": str(token_server.token_url),
+                "client_id": "demo-client",
+                "client_secret": {"env": "TEST_CLIENT_SECRET"},
+                "subject_header": "X-User",
+            },
+            "cc": {
+                "grant": "client_credentials",
+                "token_url": str(token_server.token_url),
+                "client_id": "demo-client",
+                "client_secret": {"env": "TEST_CLIENT_SECRET"},
+            },
+        },
+        "routes": [],
+    }
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_seed_from_stdin_and_file_then_status(tmp_path: Path, token_server: TokenServer) -> None:
+    config = chain_config(tmp_path, token_server)
+    token = token_server.seed_refresh_token("alice")
+    seeded = subprocess.run(
+        [sys.executable, "-m", "proxy", "seed", "-c", str(config), "po", "--subject", "alice"],
+        input=token + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    assert "seeded po for subject alice" in seeded.stdout
+    f = tmp_path / "rt"
+    f.write_text(token_server.seed_refresh_token("bob"))
+    assert (
+        run_cli(
+            "seed", "-c", str(config), "po", "--subject", "bob", "--refresh-token-file", str(f)
+        ).returncode
+        == 0
+    )
+    status = run_cli("status", "-c", str(config), "--json")
+    # No proxy is running: status reads the store; the client-credentials state is unknown.
+    assert status.returncode == 0, status.stdout + status.stderr
+    creds = {c["name"]: c for c in json.loads(status.stdout)["credentials"]}
+    assert creds["po"]["subjects"] == 2
+    assert creds["cc"]["state"] == "unknown"
+    assert token not in status.stdout
+    human = run_cli("status", "-c", str(config))
+    assert human.returncode == 0
+    assert re.search(r"^po\s+ok", human.stdout, re.MULTILINE)
+
+
+def test_seed_refuses_bad_usage(tmp_path: Path, token_server: TokenServer) -> None:
+    config = chain_config(tmp_path, token_server)
+    cases = [
+        (["seed", "-c", str(config), "nope"], "no credential named 'nope'"),
+        (["seed", "-c", str(config), "cc"], "only refresh_token chains are seeded"),
+        (
+            ["seed", "-c", str(config), "po", "--refresh-token-file", str(tmp_path / "missing")],
+            "cannot read",
+        ),
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2, args
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_status_exits_3_when_a_chain_needs_attention(
+    tmp_path: Path, token_server: TokenServer
+) -> None:
+    raw = yaml.safe_load(chain_config(tmp_path, token_server).read_text())
+    del raw["credentials"]["po"]["subject_header"]
+    config = tmp_path / "single.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = run_cli("status", "-c", str(config))
+    assert result.returncode == 3  # never seeded: reauth_required
+    assert "authproxy seed po" in result.stdout
+
+
+@pytest.mark.slow
+async def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "demo", "--port", str(port), "--admin-port", str(admin)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while loop.time() < deadline:
+            line = await asyncio.to_thread(proc.stdout.readline)
+            if not line or line.startswith("Stop with"):
+                break
+            lines.append(line.strip())
+        curls = [ln.split("  #")[0].strip() for ln in lines if ln.startswith("curl ")]
+        assert len(curls) >= 8
+        outputs = {}
+        for cmd in curls:
+            done = await asyncio.to_thread(  # through bash, as a user would paste it
+                subprocess.run,
+                ["bash", "-c", cmd],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert done.returncode == 0, cmd
+            outputs[cmd] = done.stdout
+        echo_lines = [
+            c for c in curls if "/echo/hello" in c or "/rotating/" in c or "Subject: alice" in c
+        ]
+        for cmd in echo_lines:
+            assert json.loads(outputs[cmd])["token_valid"] is True, cmd
+        assert any('"error": "no_route"' in out for out in outputs.values())
+        assert any('"error": "reauth_required"' in out for out in outputs.values())
+        assert any("authproxy_token_requests_total" in out for out in outputs.values())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        if proc.stdout:
+            proc.stdout.close()
+    assert CLIENT_SECRET  # the demo uses its own published secret, not the tests'

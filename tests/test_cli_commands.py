@@ -152,6 +152,6 @@ async def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-        if proc.stdout:
+        if proc.stdout is not None:
             proc.stdout.close()
     assert CLIENT_SECRET  # the demo uses its own published secret, not the tests'

@@ -144,6 +144,9 @@ def load_client_chain(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
     if tls.cert is None:
         return
     key = tls.key or tls.cert
+    # Read and parse first: OpenSSL's own errors name neither the file nor the cause.
+    _read(tls.cert, "certificate")
+    load_private_key(key, tls.key_password)
     password = _password(tls.key_password)
     try:
         # A callable password: OpenSSL never prompts on the terminal for an encrypted key.
@@ -215,6 +218,17 @@ def _stamp(paths: list[Path]) -> tuple[tuple[int, int, int], ...]:
     return tuple(out)
 
 
+def _valid_now(cert_path: Path) -> None:
+    leaf = load_certificates(cert_path)[0]
+    now = time.time()
+    if leaf.not_valid_after_utc.timestamp() <= now:
+        raise TlsError(f"certificate {cert_path} expired on {_when(leaf.not_valid_after_utc)}")
+    if leaf.not_valid_before_utc.timestamp() > now:
+        raise TlsError(
+            f"certificate {cert_path} is not valid before {_when(leaf.not_valid_before_utc)}"
+        )
+
+
 @dataclass(slots=True)
 class ReloadingContext:
     """An SSLContext plus the stamps (mtime, size, inode) of the files it was built from."""
@@ -247,6 +261,9 @@ class ReloadingContext:
         stamp = _stamp(watched_files(self.tls))
         if stamp == self._stamp:
             return None
+        if self.tls.cert is not None:
+            # Never swap a working certificate for one the server will refuse.
+            _valid_now(self.tls.cert)
         context = build_context(self.tls)
         self.context = context
         self._stamp = stamp
@@ -403,10 +420,12 @@ def probe(ep: Endpoint, timeout: float = PROBE_TIMEOUT) -> str | None:
             return None
     except ssl.SSLCertVerificationError as exc:
         trust = f"CA bundle {ep.tls.ca}" if ep.tls.ca else "the system's CAs"
-        fix = "set ca to the CA that issued it" if ep.tls.ca is None else "is ca the right CA?"
+        where = f"{ep.url.host}:{ep.url.port}" + (
+            f" (as {ep.tls.server_name})" if ep.tls.server_name else ""
+        )
         return (
-            f"{ep.path}.ca: {ep.url.host}:{ep.url.port} presented a certificate that "
-            f"{trust} does not verify ({exc.verify_message}); {fix}"
+            f"{ep.path}.ca: the server at {where} presented a certificate that {trust} does "
+            f"not verify ({exc.verify_message}); set ca to the CA that issued that certificate"
         )
     except (OSError, ssl.SSLError):
         return None

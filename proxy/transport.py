@@ -69,6 +69,7 @@ class _Identity:
     session: aiohttp.ClientSession | None = None
     retired: list[_Retired] = field(default_factory=list)
     last_error: str | None = None  # logged once per distinct failure, not every check
+    pruned: bool = False  # no longer configured: dropped once its sessions are closed
 
 
 def _busy(session: aiohttp.ClientSession) -> bool:
@@ -106,6 +107,7 @@ class SessionPool:
 
     def session_for(self, tls: TlsConfig | None) -> aiohttp.ClientSession:
         ident = self._identity(tls)
+        ident.pruned = False
         if ident.session is None:
             ident.session = self._new_session(tls, ident.context.context)
         return ident.session
@@ -155,7 +157,23 @@ class SessionPool:
                     ident.session = None
                 reloaded.append(str(tls.cert or tls.ca))
             self._close_idle(ident, now)
+        for tls in [t for t, i in self._identities.items() if i.pruned and not i.retired]:
+            if self._identities[tls].session is None:
+                del self._identities[tls]
         return reloaded
+
+    def prune(self, keep: set[TlsConfig | None]) -> None:
+        """Retire the identities a new configuration no longer uses (after a reload)."""
+        now = self._clock()
+        for tls in [t for t in self._identities if t not in keep]:
+            ident = self._identities[tls]
+            if ident.session is None and not ident.retired:
+                del self._identities[tls]
+                continue
+            if ident.session is not None:
+                ident.retired.append(_Retired(ident.session, now))
+                ident.session = None
+            ident.pruned = True  # listed until reload_changed() has closed its sessions
 
     def _close_idle(self, ident: _Identity, now: float) -> None:
         try:

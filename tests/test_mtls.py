@@ -529,3 +529,74 @@ async def test_client_secret_next_takes_over_under_load(
     ]
     log_capture.assert_clean(CLIENT_SECRET, new_secret)
     assert os.environ["TEST_NEXT_SECRET"] == new_secret
+
+
+# -- the session pool across a rotation ------------------------------------------------------
+
+
+class FakeClock:
+    """An injected monotonic clock the test moves forward."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_in_flight_request_finishes_on_the_old_session(
+    ca: trustme.CA, servers: Servers
+) -> None:
+    """A request held by the upstream across a rotation completes; its session is closed only
+    once idle, and new requests meanwhile use the new certificate."""
+    clock = FakeClock()
+    pool = SessionPool(clock=clock)
+    tls = TlsConfig(cert=servers.ident.cert, key=servers.ident.key, ca=servers.ca_file)
+    servers.echo.require_token = False  # this test talks to the upstream directly
+    held: asyncio.Future[aiohttp.ClientResponse] | None = None
+    try:
+        old = pool.session_for(tls)
+        gate = servers.echo.gate = asyncio.Event()
+        held = asyncio.ensure_future(old.get(servers.echo.url / "api" / "held"))
+        await wait_for(lambda: servers.echo.held == 1)
+
+        rotate_identity(ca, servers.ident, "client-two")
+        assert pool.reload_changed() == [str(servers.ident.cert)]
+        new = pool.session_for(tls)
+        assert new is not old and repr(pool) == "<SessionPool identities=1 retired=1>"
+        servers.echo.gate = None
+        async with new.get(servers.echo.url / "api" / "fresh") as resp:
+            assert (await resp.json())["client_cert"] == "client-two"
+
+        clock.now += 120
+        pool.reload_changed()
+        assert not old.closed, "a session with a request in flight was closed"
+
+        gate.set()
+        resp = await held
+        async with resp:
+            body = await resp.json()
+        assert resp.status == 200 and body["client_cert"] == "client-one"
+        pool.reload_changed()
+        await wait_for(lambda: old.closed)
+        assert repr(pool) == "<SessionPool identities=1>"
+    finally:
+        if held is not None and not held.done():
+            held.cancel()
+        await pool.aclose()
+
+
+async def test_prune_retires_identities_a_reload_dropped(servers: Servers) -> None:
+    clock = FakeClock()
+    pool = SessionPool(clock=clock)
+    tls = TlsConfig(cert=servers.ident.cert, key=servers.ident.key, ca=servers.ca_file)
+    try:
+        session = pool.session_for(tls)
+        pool.prune({None})
+        assert repr(pool) == "<SessionPool identities=0 retired=1>"
+        clock.now += 120
+        pool.reload_changed()
+        await wait_for(lambda: session.closed)
+        assert repr(pool) == "<SessionPool identities=0>"
+    finally:
+        await pool.aclose()

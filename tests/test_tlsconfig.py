@@ -252,3 +252,20 @@ async def test_probe_reports_a_wrong_ca(ca: trustme.CA, tmp_path: Path) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_rotation_to_an_expired_certificate_is_refused(ca: trustme.CA, ident: Identity) -> None:
+    rc = ReloadingContext(TlsConfig(cert=ident.cert, key=ident.key))
+    first = rc.context
+    leaf = issue(
+        ca,
+        ident.cert.parent,
+        "stale",
+        not_before=NOW - dt.timedelta(days=9),
+        not_after=NOW - dt.timedelta(days=1),
+    )
+    atomic_write(ident.key, leaf.private_key_pem.bytes())
+    atomic_write(ident.cert, b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    with pytest.raises(TlsError, match=f"certificate {ident.cert} expired on"):
+        rc.reload()
+    assert rc.context is first and rc.generation == 0

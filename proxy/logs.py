@@ -19,8 +19,9 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
 from typing import IO, Any, Final
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, quote_plus, urlencode
 
 REDACTED: Final = "[REDACTED]"
 SENSITIVE_HEADERS: Final = frozenset(
@@ -45,8 +46,11 @@ SENSITIVE_QUERY: Final = frozenset(
         "sig",
     }
 )
-_TOKEN_RUN = re.compile(r"[A-Za-z0-9\-._~+/=]{8,}")
+_TOKEN_CHARS = r"A-Za-z0-9\-._~+/="
+_TOKEN_RUN = re.compile(rf"[{_TOKEN_CHARS}]{{8,}}")
+_TOKEN_SHAPED = re.compile(rf"[{_TOKEN_CHARS}]+")
 _UNRESERVED_RUN = re.compile(r"[A-Za-z0-9\-._~]{8,}")
+_EDGE: Final = ".-_~+/="
 _MIN_SECRET_LEN: Final = 6
 
 
@@ -70,8 +74,10 @@ class Scrubber(logging.Filter):
     """Replaces every known secret value in a record with `[REDACTED]`.
 
     `static` secrets (client secrets, admin token, key material) are few and may hold any
-    character: matched by substring. Run-time tokens are many: matched as whole token-shaped
-    runs against a bounded set, so the cost per record does not grow with the number of tokens.
+    character: matched by substring, also in their percent-encoded forms (a form body or a URL
+    a library prints). Run-time tokens are many: matched as whole token-shaped runs against a
+    bounded set, so the cost per record does not grow with the number of tokens; the rare token
+    with other characters is kept apart and matched by substring.
     """
 
     def __init__(self, max_tokens: int = 200_000) -> None:
@@ -79,6 +85,7 @@ class Scrubber(logging.Filter):
         self._static: tuple[str, ...] = ()
         self._static_sources: list[Callable[[], Iterable[str]]] = []
         self._tokens: OrderedDict[str, None] = OrderedDict()
+        self._odd_tokens: OrderedDict[str, None] = OrderedDict()
         self._max_tokens = max_tokens
 
     def add_static_source(self, source: Callable[[], Iterable[str]]) -> None:
@@ -93,43 +100,66 @@ class Scrubber(logging.Filter):
                 values.update(v for v in source() if len(v) >= _MIN_SECRET_LEN)
             except Exception:  # noqa: S112 - an unreadable secret must not stop logging
                 continue
+        for v in list(values):
             # PEM blocks: also scrub each base64 line, since a library may print one.
-            for v in list(values):
-                if "-----BEGIN" in v:
-                    values.update(
-                        line.strip() for line in v.splitlines() if len(line.strip()) >= 16
-                    )
+            if "-----BEGIN" in v:
+                values.update(line.strip() for line in v.splitlines() if len(line.strip()) >= 16)
+            # As a form body or URL query carries it (client_secret_post, a logged request).
+            values.update((quote(v, safe=""), quote_plus(v)))
         # Longest first, so a secret that contains another is replaced whole.
         self._static = tuple(sorted(values, key=len, reverse=True))
 
     def add_token(self, value: str) -> None:
+        """Register a token obtained at run time (access or refresh token)."""
         if len(value) < _MIN_SECRET_LEN:
             return
-        self._tokens[value] = None
-        self._tokens.move_to_end(value)
-        while len(self._tokens) > self._max_tokens:
-            self._tokens.popitem(last=False)
+        encoded = quote(value, safe="")
+        # A token with reserved characters also appears percent-encoded (form bodies).
+        for v in (value, encoded) if encoded != value else (value,):
+            bucket = self._tokens if _TOKEN_SHAPED.fullmatch(v) else self._odd_tokens
+            bucket[v] = None
+            bucket.move_to_end(v)
+            while len(bucket) > self._max_tokens:
+                bucket.popitem(last=False)
 
     def scrub(self, text: str) -> str:
         for secret in self._static:
             if secret in text:
                 text = text.replace(secret, REDACTED)
+        # tuple(): a snapshot, as other threads may log while the event loop adds tokens.
+        for odd in tuple(self._odd_tokens):
+            if odd in text:
+                text = text.replace(odd, REDACTED)
         if self._tokens:
             tokens = self._tokens
+
+            def piece(m: re.Match[str]) -> str:
+                run = m.group(0)
+                if run in tokens:
+                    return REDACTED
+                core = _trimmed_token(run, tokens)
+                return run if core is None else run.replace(core, REDACTED)
 
             def sub(m: re.Match[str]) -> str:
                 run = m.group(0)
                 if run in tokens:
                     return REDACTED
-                return _UNRESERVED_RUN.sub(
-                    lambda n: REDACTED if n.group(0) in tokens else n.group(0), run
-                )
+                core = _trimmed_token(run, tokens)
+                if core is not None:
+                    return run.replace(core, REDACTED)
+                # `refresh_token=tok`, `a/tok`: try the unreserved pieces of the run.
+                return _UNRESERVED_RUN.sub(piece, run)
 
             text = _TOKEN_RUN.sub(sub, text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:
+            # A bad format string would make logging print the raw args to stderr
+            # (Handler.handleError); merge them here instead, and scrub the result.
+            message = f"{record.msg} {record.args!r}"
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         record.msg = self.scrub(message)
@@ -149,9 +179,28 @@ class Scrubber(logging.Filter):
             return self.scrub(value)
         if isinstance(value, Mapping):
             return {k: self._scrub_value(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
+        if isinstance(value, list | tuple | set | frozenset):
             return [self._scrub_value(v) for v in value]
-        return value
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        # Anything else is written with str() by the formatter: scrub that text.
+        return self.scrub(str(value))
+
+
+def _trimmed_token(run: str, tokens: Mapping[str, None]) -> str | None:
+    """A known token inside `run` once up to 3 edge characters (`.`, `-`, `=`...) are cut from
+    either end: `tok.` at the end of a sentence. Tokens may end in such characters themselves,
+    hence every cut is tried, not only the longest."""
+    n = len(run)
+    for i in range(4):
+        if i and run[i - 1] not in _EDGE:
+            break
+        for j in range(4):
+            if j and run[n - j] not in _EDGE:
+                break
+            if (i or j) and n - i - j >= _MIN_SECRET_LEN and run[i : n - j] in tokens:
+                return run[i : n - j]
+    return None
 
 
 class JsonFormatter(logging.Formatter):
@@ -203,6 +252,23 @@ class _ScrubbingQueueHandler(logging.handlers.QueueHandler):
 _listener: logging.handlers.QueueListener | None = None
 
 
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    """An uncaught exception becomes one scrubbed JSON line, not a raw traceback on stderr."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    shutdown_logging()  # flush what is queued first, so lines stay in order
+    record = logging.getLogger("authproxy").makeRecord(
+        "authproxy", logging.CRITICAL, "", 0, "uncaught exception", (), (exc_type, exc, tb)
+    )
+    record.event = "crash"
+    _SCRUBBER.filter(record)
+    sys.stderr.write(JsonFormatter().format(record) + "\n")
+    sys.stderr.flush()
+
+
 def setup_logging(level: str = "info", stream: IO[str] | None = None) -> None:
     """Route every logger (ours and libraries') through the scrubber to JSON lines on stderr."""
     global _listener
@@ -221,6 +287,7 @@ def setup_logging(level: str = "info", stream: IO[str] | None = None) -> None:
     root.setLevel(level.upper())
     # aiohttp's own access log duplicates ours and has no redaction.
     logging.getLogger("aiohttp.access").disabled = True
+    sys.excepthook = _log_uncaught
 
 
 def shutdown_logging() -> None:

@@ -6,9 +6,20 @@ status code and the fixed outcome/result/state/reason vocabularies.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 from proxy.models import CredentialState
+
+# `*_created` series double the series count and no dashboard or alert of ours reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 TOKEN_OUTCOMES = (
     "success",
@@ -20,6 +31,14 @@ TOKEN_OUTCOMES = (
     "timeout",
     "malformed",
 )
+CACHE_RESULTS: Final = ("hit", "miss", "coalesced")
+# The method label takes these values only (anything else is "other"), so a client sending
+# made-up methods cannot create series; the route label takes configured route names and
+# "none", the code label HTTP status codes.
+METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
+NO_ROUTE: Final = "none"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -96,9 +115,15 @@ class Metrics:
         )
         self.store_duration = Histogram(
             "authproxy_store_operation_duration_seconds",
-            "Chain store operation latency.",
+            "Chain store operation latency (wait_for_change includes waiting for other holders).",
             ["operation"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "authproxy_store_errors",
+            "Chain store operations that failed (store unreachable or refusing).",
+            ["operation"],
             registry=r,
         )
         self.clock_offset = Gauge(
@@ -113,6 +138,8 @@ class Metrics:
 
     def observe_request(self, route: str, method: str, code: int, seconds: float) -> None:
         """Hot path: label lookups are cached per (route, method, code)."""
+        if method not in METHODS:
+            method = "other"
         key = (route, method, code)
         child = self._request_children.get(key)
         if child is None:
@@ -131,6 +158,6 @@ class Metrics:
         """Create every series of a credential so dashboards see zeros, not gaps."""
         for outcome in TOKEN_OUTCOMES:
             self.token_requests.labels(credential, outcome)
-        for result in ("hit", "miss", "coalesced"):
+        for result in CACHE_RESULTS:
             self.token_cache.labels(credential, result)
         self.rotations.labels(credential)

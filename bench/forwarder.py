@@ -38,10 +38,13 @@ async def forward(request: web.Request) -> web.StreamResponse:
     ) as up:
         out = {k: v for k, v in up.headers.items() if k.lower() not in HOP}
         response = web.StreamResponse(status=up.status, headers=out)
-        await response.prepare(request)
-        async for chunk in up.content.iter_chunked(65536):
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            async for chunk in up.content.iter_chunked(65536):
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:  # the client left (wrk closes its connections at the end)
+            pass
         return response
 
 

@@ -130,7 +130,7 @@ def start_contenders(
             c.skipped = str(e)
         out.append(c)
 
-    ap_names = [f"authproxy-{n}w-{m}" for n in (1, 2) for m in ("base", "fwd")]
+    ap_names = [f"authproxy-{n}w-{m}" for n in (1, 2) for m in ("base", "fwd", "quiet")]
     if not any(wanted(n) for n in ap_names):
         return out
     token: servers.TokenServer | None = None
@@ -169,6 +169,23 @@ def start_contenders(
             except (StartError, OSError) as e:
                 fwd_c.skipped = f"forward mode: {e}"
         out += [c for c in (base_c, fwd_c) if wanted(c.name)]
+    if token is not None and any("quiet" in o for o in only):
+        # Opt-in: base-URL mode, 1 worker, log_level warning (no access lines): the logging cost.
+        c = Contender("authproxy-1w-quiet", "authproxy", 1)
+        try:
+            ap = servers.start_authproxy(
+                group,
+                work,
+                c.name,
+                workers=1,
+                token_url=token.token_url,
+                upstream_port=upstream_port,
+                log_level="warning",
+            )
+            c.base = f"{ap.base}/bench"
+        except (StartError, OSError) as e:
+            c.skipped = str(e)
+        out.append(c)
     return out
 
 
@@ -343,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
     group = ProcessGroup(work)
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     token_md: str | None = None
     try:
         up = free_port()
@@ -382,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     settings = (
         f"`wrk --latency -t2`, {args.duration:.0f} s per run, {args.rounds} round(s), "
-        f"connections {args.connections}, run took {(time.monotonic() - started) / 60:.1f} min"
+        f"connections {args.connections}, run took {(time.monotonic() - started) / 60:.1f} min; "
+        f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+        "(above 0 means something else was running too)"
     )
     text = report(info, settings, contenders, scenarios, token_md)
     print()

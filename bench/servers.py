@@ -113,6 +113,7 @@ def write_config(
     token_url: str,
     upstream: str,
     per_user_token_url: str | None = None,
+    log_level: str = "info",
 ) -> Path:
     """The authproxy config of SPEC section 3 for the bench: base-URL and forward routes."""
     secret = {"env": "BENCH_CLIENT_SECRET"}
@@ -157,6 +158,7 @@ def write_config(
     doc = {
         "listen": {"proxy": f"127.0.0.1:{proxy_port}", "admin": f"127.0.0.1:{admin_port}"},
         "workers": workers,
+        "log_level": log_level,
         "store": {"kind": "memory"},
         "credentials": credentials,
         "routes": routes,
@@ -179,6 +181,7 @@ def start_authproxy(
     upstream_port: int,
     per_user_token_url: str | None = None,
     warm: bool = True,
+    log_level: str = "info",
 ) -> AuthProxy:
     """Write a config, run `authproxy run -c CONFIG`, wait for /healthz, then (optionally) fetch
     the first token with one request so that measured runs start on a warm cache."""
@@ -193,6 +196,7 @@ def start_authproxy(
         token_url=token_url,
         upstream=f"http://127.0.0.1:{upstream_port}",
         per_user_token_url=per_user_token_url,
+        log_level=log_level,
     )
     child = group.start(name, [str(authproxy_exe()), "run", "-c", str(conf)], env=_env())
     ap = AuthProxy(child, proxy_port, admin_port, workers, conf)

@@ -93,8 +93,9 @@ async def seed(request: web.Request) -> web.Response:
         return _json_error(400, "bad_request", "refresh_token must be a non-empty string")
     if subject is not None and (not isinstance(subject, str) or not subject or len(subject) > 256):
         return _json_error(400, "bad_request", "subject must be a string of 1-256 characters")
-    if subject is not None and not cred.subject_header:
-        return _json_error(400, "bad_request", f"{name} has no subject_header; omit subject")
+    problem = _subject_problem(name, cred.subject_header, subject)
+    if problem:
+        return _json_error(400, "bad_request", problem)
     unknown = set(body) - {"refresh_token", "subject"}
     if unknown:
         return _json_error(400, "bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
@@ -116,11 +117,26 @@ async def seed(request: web.Request) -> web.Response:
 async def refresh(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     name = request.match_info["name"]
-    if name not in runtime.config.credentials:
+    cred = runtime.config.credentials.get(name)
+    if cred is None:
         return _json_error(404, "not_found", f"no credential named {name!r}")
     subject = request.query.get("subject")
+    problem = _subject_problem(name, cred.subject_header, subject)
+    if problem:
+        return _json_error(400, "bad_request", problem)
     started = runtime.refresh_now(ChainKey(name, subject))
     return web.json_response({"credential": name, "started": started}, status=202)
+
+
+def _subject_problem(name: str, subject_header: str | None, subject: str | None) -> str | None:
+    """A per-user credential needs the subject (its chains are per user); others refuse one."""
+    if subject_header and subject is None:
+        return f"{name} keeps one chain per user ({subject_header}): give the subject"
+    if subject is not None and not subject_header:
+        return f"{name} has no subject_header; omit subject"
+    if subject is not None and not (0 < len(subject) <= 256):
+        return "subject must be a string of 1-256 characters"
+    return None
 
 
 def admin_app(runtime: Runtime) -> web.Application:

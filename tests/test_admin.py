@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDictProxy
 
 from proxy.demo import EchoServer, TokenServer
 from proxy.runtime import Runtime
@@ -34,7 +35,7 @@ def bearer(token: str) -> dict[str, str]:
 
 async def call(
     http: aiohttp.ClientSession, method: str, url: str, **kw: Any
-) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+) -> tuple[int, Any, CIMultiDictProxy[str]]:
     async with http.request(method, url, **kw) as resp:
         body: Any = await resp.read()
         if resp.content_type == "application/json":

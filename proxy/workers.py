@@ -48,7 +48,10 @@ def supervise(config: Config) -> int:
     def start(index: int) -> None:
         worker_env = dict(env)
         worker_env[WORKER_ENV] = str(index)
-        proc = subprocess.Popen(argv, env=worker_env)
+        # A SIGHUP that arrives before the worker installs its reload handler would kill it
+        # (the default action); an ignored disposition survives exec until the runtime's
+        # handler replaces it.
+        proc = subprocess.Popen(argv, env=worker_env, preexec_fn=_ignore_sighup)
         workers[index] = proc
         event(log, logging.INFO, "worker", "worker started", worker=index, pid=proc.pid)
 
@@ -99,6 +102,10 @@ def supervise(config: Config) -> int:
                 proc.wait()
         if own_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _ignore_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _stop_all(workers: dict[int, subprocess.Popen[bytes]], grace: float) -> int:

@@ -47,8 +47,9 @@ async def workers(
     p = await start_proxy(session, tmp_path, raw, "workers")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 20
-    while len(children(p.proc.pid)) < 2 and loop.time() < deadline:
+    while p.log.read_text().count("authproxy is serving") < 2 and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    assert p.log.read_text().count("authproxy is serving") == 2
     assert len(children(p.proc.pid)) == 2
     yield p, raw
     stop_processes([p])
@@ -137,3 +138,25 @@ async def test_sighup_reaches_every_worker_and_sigterm_exits_0(
         assert (
             not Path(f"/proc/{kid}").exists() or "zombie" in Path(f"/proc/{kid}/status").read_text()
         )
+
+
+async def test_sighup_during_worker_start_does_not_kill_it(
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    token_server: TokenServer,
+    echo_server: EchoServer,
+) -> None:
+    raw = proxy_config(token_server, echo_server, workers=2)
+    raw["store"] = {"kind": "sqlite", "path": str(tmp_path / "w.db")}
+    p = await start_proxy(session, tmp_path, raw, "early-hup")
+    try:
+        p.proc.send_signal(signal.SIGHUP)  # one worker may still be importing
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while p.log.read_text().count("authproxy is serving") < 2 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert p.log.read_text().count("authproxy is serving") == 2
+        assert "worker exited" not in p.log.read_text()
+    finally:
+        codes = stop_processes([p])
+    assert codes == [0]

@@ -1,6 +1,9 @@
 """The proxy port: web request -> `Inbound` -> `Pipeline` -> streamed response, one access line.
 
-Runs on aiohttp's low-level `web.Server` (no router or middleware on the hot path).
+Runs on aiohttp's low-level `web.Server` (no router or middleware on the hot path). One port
+serves both modes: origin-form targets (`GET /prefix/...`, base-URL mode) and absolute-form
+ones (`GET http://host/...`, forward mode through `HTTP_PROXY`), plus `CONNECT`, which is
+refused (`tunnel_refused`) unless the target is on `tunnel_allow` (see `proxy.tunnel`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,18 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.config import HostPort
 from proxy.errors import BadRequest, ProxyAuthRequired, ProxyError, TunnelRefused
-from proxy.logs import redact_query
+from proxy.logs import event, redact_query
 from proxy.pipeline import Inbound, Outbound, Pipeline
+from proxy.routing import (
+    format_host,
+    is_absolute_form,
+    normalize_host,
+    parse_absolute_target,
+    parse_authority,
+)
+from proxy.tunnel import allowed_target, open_tunnel
 
 access_log = logging.getLogger("authproxy.access")
 log = logging.getLogger("authproxy.server")
@@ -63,19 +75,27 @@ def error_response(exc: ProxyError, request_id: str) -> web.Response:
 
 
 class ProxyHandler:
-    """The proxy port's request handler; `pipeline` is swapped atomically on reload."""
+    """The proxy port's request handler; `pipeline` is swapped atomically on reload.
+
+    `proxy_users` and `tunnel_allow` are read per request (so a reload applies at once);
+    tunnels end after `tunnel_idle_timeout` seconds without a byte in either direction."""
 
     def __init__(
         self,
         pipeline: Pipeline,
         *,
         proxy_users: Callable[[], dict[str, str]] | None = None,
-        tunnel: Callable[[web.BaseRequest, str], object] | None = None,
+        tunnel_allow: Callable[[], frozenset[HostPort]] | None = None,
+        tunnel_idle_timeout: float = 300.0,
+        tunnel_connect_timeout: float = 10.0,
     ) -> None:
         self.pipeline = pipeline
         self.proxy_users = proxy_users
-        self.tunnel = tunnel
+        self.tunnel_allow = tunnel_allow
+        self.tunnel_idle_timeout = tunnel_idle_timeout
+        self.tunnel_connect_timeout = tunnel_connect_timeout
         self.in_flight = 0
+        self.tunnels_open = 0
 
     def __repr__(self) -> str:
         return f"<ProxyHandler in_flight={self.in_flight} {self.pipeline!r}>"
@@ -90,6 +110,10 @@ class ProxyHandler:
         try:
             try:
                 self._check_proxy_auth(request)
+                if request.method == "CONNECT":
+                    resp = await self._connect(request, request_id)
+                    status = resp.status
+                    return resp
                 inbound = self._inbound(request, request_id)
                 resolved = self.pipeline.resolve(inbound)
                 route = resolved.route.name
@@ -97,6 +121,8 @@ class ProxyHandler:
                 out = await self.pipeline.forward(inbound, resolved)
             except ProxyError as exc:
                 resp = error_response(exc, request_id)
+                if request.method == "CONNECT":
+                    _end_connect(request, resp)
                 status = resp.status
                 route = exc.route or route
                 return resp
@@ -142,35 +168,34 @@ class ProxyHandler:
         raise ProxyAuthRequired("send Proxy-Authorization: Basic with a configured proxy_auth user")
 
     def _inbound(self, request: web.BaseRequest, request_id: str) -> Inbound:
-        target = request._message.url  # the request-target as sent (absolute-form in forward mode)
-        if request.method == "CONNECT":
-            raise TunnelRefused(
-                f"CONNECT {target.raw_authority} refused: a tunnel cannot carry the injected "
-                "token. "
-                f"Call http://{target.raw_host}/... through the proxy (HTTP_PROXY) and authproxy "
-                "originates TLS to the upstream itself",
-            )
+        raw_target = request._message.path  # the request-target exactly as sent
         host: str | None = None
         port: int | None = None
-        if target.absolute:
-            if target.scheme != "http":
-                raise BadRequest(
-                    "forward mode takes http:// URLs; authproxy itself speaks TLS upstream"
-                )
-            if target.raw_user is not None or target.raw_password is not None:
-                raise BadRequest("userinfo (user@host) in the request target is not forwarded")
-            host = target.raw_host
-            if host is None:
-                raise BadRequest("the request target has no host")
-            host = host.lower().rstrip(".")
-            port = target.explicit_port or 80
-        raw_path = target.raw_path or "/"
+        if is_absolute_form(raw_target):
+            # Forward mode (HTTP_PROXY): the target names the host; parsed strictly by hand
+            # rather than through yarl, which would accept userinfo and keep %-escapes.
+            target = parse_absolute_target(raw_target)
+            _check_host_header(request, target.host, target.port)
+            host, port = target.host, target.port
+            raw_path, query = target.raw_path, target.query
+            if not self.pipeline.router.has_host(host, port) and _addressed_to_us(
+                request, host, port
+            ):
+                host = port = None  # http://<the proxy itself>/prefix/...: base-URL mode
+        elif raw_target.startswith("/"):
+            url = request._message.url
+            raw_path, query = url.raw_path or "/", url.raw_query_string
+        else:
+            raise BadRequest(
+                "the request target must be an absolute path (base-URL mode) or an absolute "
+                "http:// URL (forward mode)"
+            )
         length = request.content_length
         has_body = request.body_exists
         return Inbound(
             method=request.method,
             raw_path=raw_path,
-            query=target.raw_query_string,
+            query=query,
             host=host,
             port=port,
             headers=request.headers,
@@ -178,6 +203,36 @@ class ProxyHandler:
             content_length=length if has_body else None,
             request_id=request_id,
         )
+
+    async def _connect(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        """CONNECT: tunnel a `tunnel_allow` target untouched, refuse anything else."""
+        host, port = parse_authority(request._message.path, None)
+        allow = self.tunnel_allow() if self.tunnel_allow is not None else frozenset()
+        target = allowed_target(host, port, allow)
+        if target is None:
+            shown = format_host(host, None if port == 443 else port)
+            raise TunnelRefused(
+                f"CONNECT {format_host(host, port)} refused: a tunnel cannot carry the injected "
+                f"token. Call http://{shown}/... (http://, not https://) through the proxy "
+                "with HTTP_PROXY set, and authproxy originates TLS to the upstream itself; "
+                "hosts that must be tunnelled untouched (no token) go on tunnel_allow"
+            )
+        self.tunnels_open += 1
+        try:
+            resp, stats = await open_tunnel(
+                request,
+                target,
+                connect_timeout=self.tunnel_connect_timeout,
+                idle_timeout=self.tunnel_idle_timeout,
+                headers={"X-Request-ID": request_id},
+            )
+        finally:
+            self.tunnels_open -= 1
+        _end_connect(request, resp)
+        event(
+            log, logging.INFO, "tunnel", "tunnel closed", request_id=request_id, **stats.as_fields()
+        )
+        return resp
 
     async def _stream(
         self, request: web.BaseRequest, out: Outbound, request_id: str
@@ -207,3 +262,46 @@ class ProxyHandler:
             raise
         finally:
             out.release()
+
+
+def _end_connect(request: web.BaseRequest, resp: web.StreamResponse) -> None:
+    """After a CONNECT (refused or tunnelled) the connection closes: what follows the request
+    head was never HTTP. The parser keeps those bytes aside, so the request's own payload is
+    marked complete, or aiohttp would linger waiting for a body that never comes."""
+    resp.force_close()
+    request.content.feed_eof()
+
+
+def _check_host_header(request: web.BaseRequest, host: str, port: int) -> None:
+    """An absolute-form target and a `Host` header that name different authorities are refused
+    (RFC 9112 lets a proxy ignore Host; refusing leaves nothing for a confused hop to misuse)."""
+    values = request.headers.getall("Host", ())
+    if not values:
+        return
+    if len(values) > 1:
+        raise BadRequest("more than one Host header")
+    try:
+        h_host, h_port = parse_authority(values[0], 80)
+    except BadRequest as exc:
+        raise BadRequest(f"the Host header {values[0][:100]!r} is not host[:port]") from exc
+    if (h_host, h_port) != (host, port):
+        raise BadRequest(
+            f"the Host header ({format_host(h_host, h_port)}) names another authority than the "
+            f"request target ({format_host(host, port)})"
+        )
+
+
+def _addressed_to_us(request: web.BaseRequest, host: str, port: int) -> bool:
+    """Whether an absolute-form target names the address this connection came in on (a
+    base-URL client that sent its request through HTTP_PROXY to the proxy itself)."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2 or sockname[1] != port:
+        return False
+    try:
+        local = normalize_host(str(sockname[0]))
+    except ValueError:
+        return False
+    if host == local:
+        return True
+    return host == "localhost" and (local == "::1" or local.startswith("127."))

@@ -165,6 +165,7 @@ class CredentialConfig:
     audience: str | None = None
     resource: str | None = None
     private_key: SecretRef | None = None
+    private_key_password: SecretRef | None = None
     private_key_alg: str | None = None
     key_id: str | None = None
     tls: TlsConfig | None = None
@@ -233,7 +234,12 @@ class Config:
         """Every secret this config names, for the log scrubber."""
         refs: list[SecretRef] = []
         for cred in self.credentials.values():
-            for ref in (cred.client_secret, cred.client_secret_next, cred.private_key):
+            for ref in (
+                cred.client_secret,
+                cred.client_secret_next,
+                cred.private_key,
+                cred.private_key_password,
+            ):
                 if ref is not None:
                     refs.append(ref)
             if cred.tls and cred.tls.key_password:
@@ -492,6 +498,7 @@ def _credential(r: _Reader, name: str, raw: object, path: str) -> CredentialConf
         audience=r.string(m, "audience", path),
         resource=r.string(m, "resource", path),
         private_key=r.secret(m, "private_key", path, required=auth_method == "private_key_jwt"),
+        private_key_password=r.secret(m, "private_key_password", path),
         private_key_alg=r.string(m, "private_key_alg", path),
         key_id=r.string(m, "key_id", path),
         tls=tls,

@@ -80,9 +80,9 @@ class FaultKind(enum.StrEnum):
     HANG = "hang"  # 200 headers and half a body, then nothing until the server closes
     HTML_200 = "html_200"  # 200 text/html
     NOT_JSON = "not_json"  # 200 application/json that does not parse
-    NO_ACCESS_TOKEN = "no_access_token"  # noqa: S105 (200 JSON without access_token)
+    NO_ACCESS_TOKEN = "no_access_token"
     ERROR_200 = "error_200"  # 200 {"error": <error>} (GitHub style)
-    TOKEN_TYPE_NOT_BEARER = "token_type_not_bearer"  # noqa: S105 (real grant, type "mac")
+    TOKEN_TYPE_NOT_BEARER = "token_type_not_bearer"
     EXPIRES_IN_STRING = "expires_in_string"  # real grant, "expires_in": "60"
     EXPIRES_IN_NEGATIVE = "expires_in_negative"  # real grant, "expires_in": -60
     EXPIRES_IN_HUGE = "expires_in_huge"  # real grant, "expires_in": 10**12
@@ -106,7 +106,7 @@ _COMMITTING: Final = frozenset(
     }
 )
 _LYING_FIELDS: Final[dict[FaultKind, Callable[[dict[str, Any]], None]]] = {
-    FaultKind.TOKEN_TYPE_NOT_BEARER: lambda b: b.update(token_type="mac"),  # noqa: S106
+    FaultKind.TOKEN_TYPE_NOT_BEARER: lambda b: b.update(token_type="mac"),
     FaultKind.EXPIRES_IN_STRING: lambda b: b.update(expires_in=str(b.get("expires_in", 60))),
     FaultKind.EXPIRES_IN_NEGATIVE: lambda b: b.update(expires_in=-60),
     FaultKind.EXPIRES_IN_HUGE: lambda b: b.update(expires_in=10**12),
@@ -325,7 +325,7 @@ class TokenServer(_Served):
         self.reuse_grace = reuse_grace
         self.token_prefix = token_prefix
         self.jwt_access_tokens = jwt_access_tokens
-        self.token_type = "Bearer"  # noqa: S105 (what normal answers say)
+        self.token_type = "Bearer"
         self.clock_offset = 0.0
         self.outage = False  # every token call answers 503 while True
         self.auth_methods: set[str] = set(AUTH_METHODS)  # the methods this client may use
@@ -679,8 +679,8 @@ class TokenServer(_Served):
                 raise _OAuthError(401, "invalid_client", "jwt_aud") from None
             except jwt.MissingRequiredClaimError:
                 raise _OAuthError(401, "invalid_client", "jwt_missing_claim") from None
-            except jwt.PyJWTError:
-                continue
+            except (jwt.PyJWTError, TypeError, ValueError):
+                continue  # an EC assertion against an RSA key (or the reverse): try the next key
         if claims is None:
             raise _OAuthError(401, "invalid_client", "jwt_signature")
         if claims.get("iss") != self.client_id or claims.get("sub") != self.client_id:

@@ -251,4 +251,4 @@ class Pipeline:
                     f"the request body is over the route's max_body ({route.max_body} bytes)",
                     route=route.name,
                 ) from exc
-            raise map_client_error(exc, route.name) from exc
+            raise map_client_error(exc, route.name, route.tls) from exc

@@ -72,6 +72,7 @@ class Runtime:
         self._runners: list[web.BaseRunner] = []
         self._stopping = asyncio.Event()
         self.proxy_port: int | None = None
+        self._cert_warned: set[tuple[str, float]] = set()
         self.admin_port: int | None = None
         self._register_secrets()
 
@@ -241,6 +242,8 @@ class Runtime:
             )
         old = self.engine
         self.engine = self._build(new, previous=old)
+        # Close the sessions of TLS identities the new configuration no longer names.
+        self.sessions.prune({c.tls for c in new.credentials.values()} | {r.tls for r in new.routes})
         self.config = new
         self.handler.pipeline = self.engine.pipeline
         self._register_secrets()
@@ -279,7 +282,9 @@ class Runtime:
                 event(log, logging.WARNING, "tls", str(exc), **{kind: name})
                 continue
             self.metrics.tls_cert_expiry.labels(kind, name).set(not_after)
-            if not_after - now < CERT_WARN_SECONDS:
+            warned = (str(tls.cert), not_after)
+            if not_after - now < CERT_WARN_SECONDS and warned not in self._cert_warned:
+                self._cert_warned.add(warned)  # once per certificate, not every 5 s
                 event(
                     log,
                     logging.WARNING,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,8 @@ def start_authproxy(
     child = group.start(name, [str(authproxy_exe()), "run", "-c", str(conf)], env=_env())
     ap = AuthProxy(child, proxy_port, admin_port, workers, conf)
     wait_http(child, f"http://127.0.0.1:{admin_port}/healthz", 30)
+    if workers > 1 and not _wait_serving(child, workers, 30):
+        ap.notes.append(f"could not confirm that all {workers} workers were serving")
     if warm:
         wait_http(child, f"{ap.base}/bench/small", 15)
         check_bearer(f"{ap.base}/bench/whoami", name)
@@ -208,6 +211,27 @@ def start_authproxy(
         for _ in range(8 * workers):
             http_get(f"{ap.base}/bench/small")
     return ap
+
+
+def _wait_serving(child: Child, workers: int, timeout: float) -> bool:
+    """/healthz answers once one worker is up (the admin port is shared too): wait until each
+    worker has logged `"event": "start"`, so that no load lands on a half-started group."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.alive():
+        started = set()
+        for line in child.err.read_text(errors="replace").splitlines():
+            if '"start"' not in line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == "start":
+                started.add(event.get("pid"))
+        if len(started) >= workers:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def check_bearer(url: str, name: str, proxy: str | None = None) -> None:

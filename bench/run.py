@@ -330,7 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds over every contender (default 3)")
     p.add_argument("--connections", default="16,128", help="comma list (default 16,128)")
     p.add_argument("--bodies", default="small,large", help="comma list (default small,large)")
-    p.add_argument("--only", default="", help="contenders whose name contains one of NAME[,NAME]")
+    p.add_argument(
+        "--only",
+        default="",
+        help="contenders whose name contains one of NAME[,NAME]; token figures run only when "
+        "one NAME is `tokens`; `quiet` adds authproxy-1w-quiet (log_level warning)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import sys
 import tempfile
@@ -364,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         group.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
     print(markdown(figures))
     return 0
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import email.utils
 import json
 import logging
+import math
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp_retry import RetryClient, RetryOptionsBase
 
+from proxy.breaker import PROBE
 from proxy.clientauth import AUTH_STEPS, USES_CLIENT_SECRET, TokenRequestParts
 from proxy.config import CredentialConfig
 from proxy.errors import (
@@ -42,6 +46,8 @@ log = logging.getLogger("authproxy.oauth")
 MAX_BODY: Final = 256 * 1024
 CLOCK_SKEW_WARN_SECONDS: Final = 30.0
 MAX_RETRY_AFTER: Final = 60.0
+RETRY_ATTEMPTS: Final = 4  # HTTP calls per fetch at most, while the breaker is closed
+_TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]+")  # what can travel in an Authorization header
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,39 +60,83 @@ class TokenResponse:
 
 
 class ProviderRetry(RetryOptionsBase):
-    """Exponential backoff with full jitter, honouring `Retry-After` (capped)."""
+    """Exponential backoff with full jitter on 5xx, 429 and connection failures, honouring
+    `Retry-After`, inside a deadline: a retry whose wait would end after the deadline is not
+    made, and the last answer is classified instead (a 429's `Retry-After` then reaches the
+    breaker). Other statuses (400 `invalid_grant`, 401 `invalid_client`, ...) are never
+    retried here. One instance per logical request (it remembers the wait it chose)."""
 
-    def __init__(self, attempts: int, base: float = 0.2, cap: float = 5.0) -> None:
+    def __init__(
+        self,
+        attempts: int,
+        deadline: float,
+        *,
+        base: float = 0.2,
+        cap: float = 5.0,
+    ) -> None:
         super().__init__(
             attempts=attempts,
-            statuses={429},
-            exceptions={aiohttp.ClientConnectionError, asyncio.TimeoutError},
+            statuses=set(),
+            exceptions={aiohttp.ClientConnectionError},
             methods={"POST"},
-            retry_all_server_errors=True,
+            retry_all_server_errors=False,
+            evaluate_response_callback=self._final,
         )
         self.base = base
         self.cap = cap
+        self.deadline = deadline  # time.monotonic() value
+        self._wait = 0.0
+        self.retries = 0
+
+    def backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap, self.base * 2**attempt))  # noqa: S311
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    async def _final(self, response: aiohttp.ClientResponse) -> bool:
+        """True: this answer is final (classify it); False: retry after `self._wait`."""
+        if response.status < 500 and response.status != 429:
+            return True
+        after = parse_retry_after(response.headers.get("Retry-After"))
+        wait = min(after, MAX_RETRY_AFTER) if after is not None else self.backoff(self.retries + 1)
+        if wait >= self.remaining():
+            return True
+        self._wait = wait
+        return False
 
     def get_timeout(self, attempt: int, response: aiohttp.ClientResponse | None = None) -> float:
+        self.retries += 1
         if response is not None:
-            after = parse_retry_after(response.headers.get("Retry-After"))
             response.release()
-            if after is not None:
-                return min(after, MAX_RETRY_AFTER)
-        return random.uniform(0, min(self.cap, self.base * 2**attempt))  # noqa: S311
+            return self._wait
+        # A connection failure: back off, but never past the deadline (the budget's timeout
+        # would end the sleep anyway; ending it early leaves time for one more try).
+        return max(0.0, min(self.backoff(attempt), self.remaining() - 0.05))
 
 
 def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
+    when = _http_date(value)
+    return None if when is None else max(0.0, when - time.time())
+
+
+def _http_date(value: str) -> float | None:
+    """An HTTP date as a Unix time (a zone-less date is UTC, as RFC 9110 says)."""
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    try:
+        return when.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 class TokenEndpoint:
@@ -145,13 +195,23 @@ class TokenEndpoint:
     async def request(
         self, grant_form: dict[str, str], *, budget: float | None = None, retry: bool = True
     ) -> TokenResponse:
-        """One token request (with retries and secret fallback); raises TokenEndpointError."""
+        """One token request (with retries and secret fallback); raises TokenEndpointError.
+
+        `budget` (default: the credential's `timeout`) bounds the whole call, retries and the
+        fallback to `client_secret_next` included. While the breaker probes (`PROBE`), one
+        HTTP call is made and nothing is retried."""
         budget = self.cred.timeout if budget is None else budget
+        deadline = time.monotonic() + budget
+        if PROBE.get():
+            retry = False
         secrets = self._secrets()
         last: TokenEndpointError | None = None
         for n, secret in enumerate(secrets):
+            remaining = deadline - time.monotonic()
+            if n and remaining <= 0:
+                break
             try:
-                resp = await self._send(grant_form, secret, budget=budget, retry=retry)
+                resp = await self._send(grant_form, secret, budget=remaining, retry=retry)
             except InvalidClient as exc:
                 last = exc
                 if n + 1 < len(secrets):
@@ -193,11 +253,11 @@ class TokenEndpoint:
         self, grant_form: dict[str, str], secret: Secret | None, *, budget: float, retry: bool
     ) -> TokenResponse:
         parts = self._parts(grant_form, secret)
-        attempts = 4 if retry else 1
-        client = RetryClient(
-            client_session=self._session(), retry_options=ProviderRetry(attempts), logger=log
-        )
         started = time.monotonic()
+        name = self.cred.name
+
+        options = ProviderRetry(RETRY_ATTEMPTS if retry else 1, started + budget)
+        client = RetryClient(client_session=self._session(), retry_options=options, logger=log)
         sent_at = self._clock()
         outcome = "success"
         try:
@@ -209,7 +269,7 @@ class TokenEndpoint:
                     allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=budget, sock_connect=min(budget, 5.0)),
                 ) as resp:
-                    body = await resp.content.read(MAX_BODY + 1)
+                    body = await _read_bounded(resp.content, MAX_BODY + 1)
                     result = self._parse(resp, body, sent_at)
             return result
         except TokenEndpointError as exc:
@@ -219,25 +279,27 @@ class TokenEndpoint:
             outcome = "timeout"
             raise TokenTimeout(
                 "timeout",
-                f"no answer from the token endpoint of {self.cred.name} within {budget:g}s",
+                f"no complete answer from the token endpoint of {name} within {budget:.3g}s",
             ) from exc
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             outcome = "network_error"
             raise TokenNetworkError(
                 "network_error",
-                f"{type(exc).__name__} talking to the token endpoint of {self.cred.name}",
+                f"{type(exc).__name__} talking to the token endpoint of {name}",
             ) from exc
         finally:
             elapsed = time.monotonic() - started
-            self._metrics.token_requests.labels(self.cred.name, outcome).inc()
-            self._metrics.token_request_duration.labels(self.cred.name).observe(elapsed)
+            # One count per logical request (its retries are in the log line's `attempts`).
+            self._metrics.token_requests.labels(name, outcome).inc()
+            self._metrics.token_request_duration.labels(name).observe(elapsed)
             event(
                 log,
                 logging.INFO if outcome == "success" else logging.WARNING,
                 "token",
-                credential=self.cred.name,
+                credential=name,
                 grant=grant_form.get("grant_type"),
                 outcome=outcome,
+                attempts=options.retries + 1,
                 duration_ms=round(elapsed * 1000, 1),
             )
 
@@ -297,6 +359,12 @@ class TokenEndpoint:
                 "malformed", "the token response has no access_token", status=status
             )
         scrubber().add_token(access)
+        if not _TOKEN_CHARS.fullmatch(access):
+            raise MalformedTokenResponse(
+                "malformed",
+                "the access_token holds characters that cannot travel in a header",
+                status=status,
+            )
         token_type = data.get("token_type", "Bearer")
         if not isinstance(token_type, str) or token_type.lower() != "bearer":
             raise MalformedTokenResponse(
@@ -318,6 +386,16 @@ class TokenEndpoint:
             local_exp = jwt_exp - (offset or 0.0)
             if received < local_exp < expires_at:
                 expires_at = local_exp
+            elif local_exp <= received:
+                # Already expired by its own claim, even after the clock correction: a provider
+                # bug or a wild clock. Keep expires_in (an upstream 401 will say the rest).
+                event(
+                    log,
+                    logging.WARNING,
+                    "token",
+                    "the access token's JWT exp is already past; using expires_in",
+                    credential=self.cred.name,
+                )
         token = AccessToken(
             value=Secret(access),
             issued_at=received,
@@ -333,7 +411,10 @@ class TokenEndpoint:
         if isinstance(raw, bool):
             value = None
         elif isinstance(raw, int | float):
-            value = float(raw)
+            try:
+                value = float(raw)
+            except OverflowError:  # an int beyond any float: enormous
+                value = float("inf")
         elif isinstance(raw, str):
             try:
                 value = float(raw.strip())
@@ -374,9 +455,8 @@ class TokenEndpoint:
         date = resp.headers.get("Date")
         if not date:
             return None
-        try:
-            provider = email.utils.parsedate_to_datetime(date).timestamp()
-        except (TypeError, ValueError):
+        provider = _http_date(date)
+        if provider is None:
             return None
         # The Date header has one-second resolution: offsets within the round trip + 1 s are noise.
         midpoint = (sent_at + received) / 2
@@ -406,4 +486,24 @@ def _jwt_exp(token: str) -> float | None:
     except (ValueError, UnicodeDecodeError):
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
-    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        return None
+    try:
+        value = float(exp)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole body, or its first `limit` bytes (`StreamReader.read(n)` alone returns
+    whatever has arrived so far, which may be a fraction of the answer)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

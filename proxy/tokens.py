@@ -5,6 +5,13 @@
 2. otherwise the caller joins the fetch in flight (`coalesced`) or starts it (`miss`);
 3. an open breaker with no usable token answers `TokenUnavailable` at once.
 
+A failed fetch feeds the credential's `Breaker` (see `proxy.breaker` for the bound on calls
+during an outage); if the current token has not expired (minus its skew) it is still served
+(state `degraded`, stale-if-error) and a timer retries in the background when the breaker lets
+it, for credential-level tokens even with no token held, so service comes back without
+waiting for traffic. `invalidate` (an upstream 401) drops a token only if it is still the
+current one, so a burst of 401s for one token causes one fetch.
+
 The in-flight dict is updated before any await; the fetch is one owned task that every
 waiter awaits through `asyncio.shield`, so a cancelled request never cancels it, and all
 waiters get its result or its exception (aiohttp's `_resolve_host` recipe).
@@ -13,15 +20,16 @@ waiters get its result or its exception (aiohttp's `_resolve_host` recipe).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from cachetools import LRUCache
 
-from proxy.breaker import Breaker
+from proxy.breaker import PROBE, Breaker
 from proxy.errors import (
     ProxyError,
     ReauthRequired,
@@ -35,6 +43,9 @@ from proxy.models import AccessToken, ChainKey, CredentialState
 from proxy.tasks import TaskOwner
 
 log = logging.getLogger("authproxy.tokens")
+
+DRAIN_SECONDS: Final = 15.0  # aclose() waits this long for fetches that requests wait on
+MIN_REFRESH_INTERVAL: Final = 1.0  # a refresh timer never fires sooner after a fetch
 
 
 class TokenSource(Protocol):
@@ -76,7 +87,9 @@ class TokenCache:
         self._tokens: dict[ChainKey, AccessToken] = {}
         self._subject_tokens: LRUCache[ChainKey, AccessToken] = LRUCache(max_subject_tokens)
         self._inflight: dict[ChainKey, asyncio.Task[AccessToken]] = {}
+        self._waiters: collections.Counter[ChainKey] = collections.Counter()
         self._timers: dict[ChainKey, asyncio.TimerHandle] = {}
+        self._closed = False
         self.health: dict[str, CredentialHealth] = {name: CredentialHealth() for name in sources}
         self._counters = {
             (name, result): metrics.token_cache.labels(name, result)
@@ -90,7 +103,8 @@ class TokenCache:
     def __repr__(self) -> str:
         return (
             f"<TokenCache tokens={len(self._tokens)} subject_tokens={len(self._subject_tokens)} "
-            f"inflight={len(self._inflight)} timers={len(self._timers)}>"
+            f"inflight={len(self._inflight)} waiters={sum(self._waiters.values())} "
+            f"timers={len(self._timers)} closed={self._closed}>"
         )
 
     def _held(self, key: ChainKey) -> AccessToken | None:
@@ -104,30 +118,38 @@ class TokenCache:
         else:
             self._subject_tokens[key] = token
 
+    def _drop_token(self, key: ChainKey) -> None:
+        if key.subject is None:
+            self._tokens.pop(key, None)
+        else:
+            self._subject_tokens.pop(key, None)
+
     async def get(self, key: ChainKey, *, timeout: float | None = None) -> AccessToken:
-        """A usable access token for `key`; raises `TokenUnavailable` or `ReauthRequired`."""
+        """A usable access token for `key`; raises `TokenUnavailable` or `ReauthRequired`.
+
+        Waits at most `timeout` seconds (the route's timeout); the fetch itself goes on."""
         now = self._clock()
+        breaker = self.health[key.credential].breaker
         token = self._held(key)
         if token is not None and now < token.usable_until:
-            if now >= token.refresh_at and key not in self._inflight:
-                health = self.health[key.credential]
-                if health.breaker.allows(now):
-                    _ = self._start(key, None)
+            if now >= token.refresh_at and key not in self._inflight and breaker.acquire(now):
+                _ = self._start(key, None, probe=not breaker.closed)
             self._counters[(key.credential, "hit")].inc()
             return token
         task = self._inflight.get(key)
         if task is None:
-            health = self.health[key.credential]
-            if not health.breaker.allows(now):
+            if not breaker.acquire(now):
                 raise TokenUnavailable(
                     f"the token endpoint of {key.credential} is failing "
-                    f"({health.last_error or 'unknown error'}); retrying later",
-                    retry_after=health.breaker.retry_after(now),
+                    f"({self.health[key.credential].last_error or 'unknown error'}); "
+                    "retrying later",
+                    retry_after=breaker.retry_after(now),
                 )
-            task = self._start(key, None)
+            task = self._start(key, None, probe=not breaker.closed)
             self._counters[(key.credential, "miss")].inc()
         else:
             self._counters[(key.credential, "coalesced")].inc()
+        self._waiters[key] += 1
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
@@ -135,35 +157,36 @@ class TokenCache:
                 f"no token for {key.credential} within {timeout:g}s; the token endpoint is slow",
                 retry_after=1.0,
             ) from None
+        finally:
+            self._waiters[key] -= 1
+            if self._waiters[key] <= 0:
+                del self._waiters[key]
 
     def invalidate(self, key: ChainKey, token: AccessToken) -> bool:
-        """Drop `token` if it is still the current one (an upstream refused it).
+        """Drop `token` if it is still the current one (an upstream refused it), and start
+        fetching its successor when the breaker lets us.
 
-        A burst of 401s for one token drops it once; the next `get` fetches one new token."""
+        A burst of 401s for one token drops it once; the next `get` joins one new fetch."""
         current = self._held(key)
         if current is None or current.value != token.value:
             return False
-        if key.subject is None:
-            self._tokens.pop(key, None)
-        else:
-            self._subject_tokens.pop(key, None)
-        if key not in self._inflight:
-            _ = self._start(key, token)
+        self._drop_token(key)
+        breaker = self.health[key.credential].breaker
+        if key not in self._inflight and breaker.acquire(self._clock()):
+            _ = self._start(key, token, probe=not breaker.closed)
         return True
 
     def forget(self, key: ChainKey) -> None:
         """Drop what is cached for `key` (after a seed): the next `get` reads the store."""
-        if key.subject is None:
-            self._tokens.pop(key, None)
-        else:
-            self._subject_tokens.pop(key, None)
+        self._drop_token(key)
         health = self.health.get(key.credential)
         if health is not None:
             health.breaker.success()
 
     def adopt(self, previous: TokenCache, credentials: set[str]) -> None:
-        """Take over tokens and health of unchanged credentials after a reload."""
+        """Take over tokens, health and pending retries of unchanged credentials (reload)."""
         now = self._clock()
+        loop = asyncio.get_running_loop()
         for key, token in previous._tokens.items():
             if key.credential in credentials and token.usable(now):
                 self._tokens[key] = token
@@ -171,6 +194,9 @@ class TokenCache:
         for key, token in previous._subject_tokens.items():
             if key.credential in credentials and token.usable(now):
                 self._subject_tokens[key] = token
+        for key, handle in previous._timers.items():
+            if key.credential in credentials and key not in self._timers:
+                self._schedule(key, handle.when() - loop.time())  # e.g. a degraded retry
         for name in credentials:
             if name in previous.health and name in self.health:
                 self.health[name] = previous.health[name]
@@ -185,46 +211,40 @@ class TokenCache:
         """Start a refresh in the background (admin `POST .../refresh`); False if one runs."""
         if key in self._inflight:
             return False
-        _ = self._start(key, None)
+        _ = self._start(key, None, probe=False)
         return True
 
-    def _start(self, key: ChainKey, reject: AccessToken | None) -> asyncio.Task[AccessToken]:
+    def _start(
+        self, key: ChainKey, reject: AccessToken | None, *, probe: bool
+    ) -> asyncio.Task[AccessToken]:
         # Registered before any await, so every later caller joins this task (#single-flight).
-        task = self._owner.spawn(self._fetch(key, reject), name=f"fetch {key.credential}")
+        try:
+            task = self._owner.spawn(
+                self._fetch(key, reject, probe), name=f"fetch {key.credential}"
+            )
+        except RuntimeError:  # closed (an old engine after a reload): no new fetches
+            if probe:
+                self.health[key.credential].breaker.release()
+            raise TokenUnavailable(
+                f"the token cache for {key.credential} is shutting down", retry_after=1.0
+            ) from None
         self._inflight[key] = task
         return task
 
-    async def _fetch(self, key: ChainKey, reject: AccessToken | None) -> AccessToken:
+    async def _fetch(self, key: ChainKey, reject: AccessToken | None, probe: bool) -> AccessToken:
+        PROBE.set(probe)  # this task's own context: the probe makes one call, no retries
         health = self.health[key.credential]
         try:
             token = await self._sources[key.credential].fetch(key, reject=reject)
         except ReauthRequired as exc:
             self._set_state(key, CredentialState.REAUTH_REQUIRED, str(exc))
             raise
-        except (TokenEndpointError, StoreError, ProxyError) as exc:
-            now = self._clock()
-            retry_after = getattr(exc, "retry_after", None)
-            health.breaker.failure(now, retry_after)
-            message = _describe(exc)
-            held = self._held(key)
-            if (
-                held is not None
-                and now < held.usable_until
-                and (reject is None or held.value != reject.value)
-            ):
-                # Stale-if-error: the current token has not expired; keep serving it.
-                self._set_state(key, CredentialState.DEGRADED, message)
-                self._schedule(key, health.breaker.retry_after(now))
-                return held
-            self._set_state(key, CredentialState.DEGRADED, message)
-            if isinstance(exc, ProxyError):
-                raise
-            raise TokenUnavailable(
-                f"cannot obtain a token for {key.credential}: {message}",
-                retry_after=health.breaker.retry_after(now),
-            ) from exc
+        except Exception as exc:  # any failure must become an answer, never a 500
+            return self._failed(key, reject, exc)
         finally:
             self._inflight.pop(key, None)
+            if probe:
+                health.breaker.release()  # cancelled or reauth: let the next caller probe
         now = self._clock()
         self._store_token(key, token)
         health.breaker.success()
@@ -234,12 +254,44 @@ class TokenCache:
         if health.state is not CredentialState.OK or health.last_error is not None:
             self._set_state(key, CredentialState.OK, None)
         if key.subject is None:
-            self._schedule(key, token.refresh_at - now)
+            self._schedule(key, max(MIN_REFRESH_INTERVAL, token.refresh_at - now))
         return token
 
+    def _failed(self, key: ChainKey, reject: AccessToken | None, exc: Exception) -> AccessToken:
+        """A fetch failed: open the breaker, serve the current token if it is still good
+        (stale-if-error), schedule the background retry, else raise `TokenUnavailable`."""
+        now = self._clock()
+        health = self.health[key.credential]
+        retry_after = getattr(exc, "retry_after", None)
+        health.breaker.failure(now, retry_after if isinstance(retry_after, int | float) else None)
+        if isinstance(exc, TokenEndpointError | StoreError | ProxyError):
+            message = _describe(exc)
+        else:
+            message = f"internal error ({type(exc).__name__})"
+            log.error("unexpected failure fetching a token for %s", key.credential, exc_info=exc)
+        self._set_state(key, CredentialState.DEGRADED, message)
+        if key.subject is None:
+            # Keep trying in the background (when the breaker lets the probe through).
+            self._schedule(key, health.breaker.retry_after(now))
+        held = self._held(key)
+        if (
+            held is not None
+            and now < held.usable_until
+            and (reject is None or held.value != reject.value)
+        ):
+            return held  # stale-if-error: the current token has not expired; keep serving it
+        if isinstance(exc, ProxyError):
+            raise exc
+        raise TokenUnavailable(
+            f"cannot obtain a token for {key.credential}: {message}",
+            retry_after=health.breaker.retry_after(now),
+        ) from exc
+
     def _schedule(self, key: ChainKey, delay: float) -> None:
-        """Refresh `key` in the background after `delay` (credential-level tokens only:
+        """Fetch `key` in the background after `delay` (credential-level tokens only:
         idle per-user chains are not rotated for nothing)."""
+        if self._closed:
+            return
         old = self._timers.pop(key, None)
         if old is not None:
             old.cancel()
@@ -248,8 +300,14 @@ class TokenCache:
 
     def _timer_fired(self, key: ChainKey) -> None:
         self._timers.pop(key, None)
-        if key not in self._inflight:
-            _ = self._start(key, None)
+        if self._closed or key in self._inflight:
+            return
+        breaker = self.health[key.credential].breaker
+        now = self._clock()
+        if breaker.acquire(now):
+            _ = self._start(key, None, probe=not breaker.closed)
+        else:  # still cooling down, or another key of this credential is probing
+            self._schedule(key, breaker.retry_after(now))
 
     def _set_state(self, key: ChainKey, state: CredentialState, error: str | None) -> None:
         health = self.health[key.credential]
@@ -280,9 +338,16 @@ class TokenCache:
             self._metrics.set_state(key.credential, state)
 
     async def aclose(self) -> None:
+        """Stop timers; let fetches that requests are waiting on finish (bounded), then
+        cancel what is left. After a reload, requests in flight on the old pipeline still
+        get their token."""
+        self._closed = True
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        waited = [task for key, task in self._inflight.items() if self._waiters.get(key)]
+        if waited:
+            _ = await asyncio.wait(waited, timeout=DRAIN_SECONDS)
         await self._owner.aclose()
 
 

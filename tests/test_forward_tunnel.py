@@ -503,3 +503,32 @@ async def test_connect_answer_parses_as_http(tproxy: Runtime, tcp_echo: TcpEcho)
     assert parsed.headers["X-Request-ID"]
     assert "Connection" not in parsed.headers  # a 200 to CONNECT must not announce a close
     await tunnel.close()
+
+
+async def test_shutdown_closes_open_tunnels(
+    token_server: TokenServer,
+    echo_server: EchoServer,
+    upstream: Upstream,
+    tcp_echo: TcpEcho,
+    tmp_path: Path,
+    log_capture: LogCapture,
+) -> None:
+    """A tunnel holds the drain at most for the shutdown grace, then both sides are closed."""
+    raw = tunnel_config(token_server, echo_server, upstream, tcp_echo, shutdown_grace="300ms")
+    path = tmp_path / "shutdown.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    rt = Runtime(load_config(path))
+    rt.handler.tunnel_allow = lambda: rt.config.tunnel_allow
+    await rt.start()
+    status, _, tunnel = await open_raw_tunnel(rt.proxy_port or 0, f"127.0.0.1:{tcp_echo.port}")
+    assert status == 200
+    tunnel.writer.write(b"abc")
+    async with asyncio.timeout(10):
+        assert await tunnel.reader.readexactly(3) == b"abc"
+        await rt.aclose()
+        assert await tunnel.reader.read() == b""
+    await tcp_echo.wait_for(lambda: tcp_echo.open == 0)
+    assert rt.handler.tunnels_open == 0
+    lines = [line for line in log_capture.lines() if line.get("event") == "tunnel"]
+    assert lines[-1]["closed_by"] == "shutdown"
+    await tunnel.close()

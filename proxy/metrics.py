@@ -67,6 +67,13 @@ class Metrics:
             ["credential", "outcome"],
             registry=r,
         )
+        self.token_attempts = Counter(
+            "authproxy_token_endpoint_attempts",
+            "HTTP calls made to token endpoints, retries included (token_requests counts "
+            "logical requests, one per outcome).",
+            ["credential"],
+            registry=r,
+        )
         self.token_request_duration = Histogram(
             "authproxy_token_request_duration_seconds",
             "Duration of token endpoint calls.",
@@ -158,6 +165,7 @@ class Metrics:
         """Create every series of a credential so dashboards see zeros, not gaps."""
         for outcome in TOKEN_OUTCOMES:
             self.token_requests.labels(credential, outcome)
+        self.token_attempts.labels(credential)
         for result in CACHE_RESULTS:
             self.token_cache.labels(credential, result)
         self.rotations.labels(credential)

@@ -1,0 +1,267 @@
+"""The token cache: single-flight (1000 requests, one fetch), refresh ahead of expiry with no
+request waiting, stale-if-error, the breaker, invalidation only of the current token, and
+owned background tasks (also `proxy.tasks`). Unit tests drive a real TokenEndpoint against the
+demo token server, with an injected clock (a plain callable, not a patch)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from proxy.chains import ClientCredentialsSource
+from proxy.demo import EchoServer, TokenServer
+from proxy.errors import TokenUnavailable
+from proxy.metrics import Metrics
+from proxy.models import ChainKey, CredentialState
+from proxy.oauth import TokenEndpoint
+from proxy.runtime import Runtime
+from proxy.tasks import TaskOwner
+from proxy.tokens import TokenCache
+from tests.conftest import ProxyFactory, proxy_config, proxy_url
+from tests.test_oauth import credential
+
+KEY = ChainKey("demo")
+
+
+class Clock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(trust_env=False) as s:
+        yield s
+
+
+def build(
+    token_server: TokenServer,
+    session: aiohttp.ClientSession,
+    clock: Callable[[], float],
+    **extra: Any,
+) -> tuple[TokenCache, Metrics]:
+    metrics = Metrics(CollectorRegistry())
+    ep = TokenEndpoint(credential(token_server, **extra), lambda: session, metrics, clock=clock)
+    return TokenCache({"demo": ClientCredentialsSource(ep)}, metrics, clock=clock), metrics
+
+
+def cache_count(metrics: Metrics, result: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "authproxy_token_cache_total", {"credential": "demo", "result": result}
+    )
+    return value or 0.0
+
+
+async def poll(predicate: Any, what: str, within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_refresh_ahead_of_expiry_without_a_waiting_request(
+    token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
+    clock = Clock()
+    cache, metrics = build(token_server, session, clock)
+    try:
+        first = await cache.get(KEY)
+        assert cache_count(metrics, "miss") == 1
+        clock.now = first.refresh_at + 0.1  # due, still usable
+        assert (await cache.get(KEY)) is first  # served at once; the refresh runs behind it
+        await token_server.wait_requests(2)
+        await poll(lambda: cache._held(KEY) is not first, "the refreshed token")
+        second = await cache.get(KEY)
+        assert second.value != first.value and token_server.is_valid(second.value.reveal())
+        assert cache_count(metrics, "miss") == 1 and cache_count(metrics, "hit") == 2
+    finally:
+        await cache.aclose()
+
+
+async def test_stale_if_error_then_breaker_then_recovery(
+    token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
+    clock = Clock()
+    cache, _ = build(token_server, session, clock)
+    try:
+        first = await cache.get(KEY)
+        token_server.outage = True
+        clock.now = first.usable_until - 0.5  # due, and half a second of use left
+        assert (await cache.get(KEY)) is first
+        await poll(lambda: cache.health["demo"].state is CredentialState.DEGRADED, "degraded")
+        calls = token_server.requests
+        assert calls == 1 + 4  # the background refresh retried, then gave up
+        # Still usable: served stale, and the breaker keeps the provider in peace.
+        for _ in range(50):
+            assert (await cache.get(KEY)) is first
+        assert token_server.requests == calls
+        assert "temporarily_unavailable" in (cache.health["demo"].last_error or "")
+        # Expired (minus skew), breaker still open: token_unavailable at once, Retry-After.
+        clock.now = first.usable_until + 0.01
+        with pytest.raises(TokenUnavailable) as info:
+            await cache.get(KEY)
+        assert info.value.retry_after is not None and info.value.retry_after >= 1
+        assert token_server.requests == calls
+        # The provider is back; once the cooldown is over one probe restores service.
+        token_server.outage = False
+        clock.now += 60
+        fresh = await cache.get(KEY)
+        assert fresh.value != first.value
+        assert token_server.requests == calls + 1
+        assert cache.health["demo"].state is CredentialState.OK
+        assert cache.health["demo"].breaker.closed
+    finally:
+        await cache.aclose()
+
+
+async def test_background_retry_recovers_without_traffic(
+    token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
+    """With no token and no requests, the cache keeps probing (one call per cooldown) and
+    holds a token again once the provider answers."""
+    cache, _ = build(token_server, session, time.time)  # real time, for the timer
+    try:
+        token_server.outage = True
+        with pytest.raises(TokenUnavailable):
+            await cache.get(KEY)
+        assert token_server.requests == 4
+        token_server.outage = False
+        await token_server.wait_requests(5)  # the timer's probe, about a second later
+        await poll(lambda: cache._held(KEY) is not None, "a token from the background probe")
+        assert cache.health["demo"].state is CredentialState.OK
+        assert token_server.requests == 5
+    finally:
+        await cache.aclose()
+
+
+async def test_invalidate_drops_only_the_current_token(
+    token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
+    cache, _ = build(token_server, session, Clock())
+    try:
+        first = await cache.get(KEY)
+        results = [cache.invalidate(KEY, first) for _ in range(20)]  # a burst of 401s
+        assert results.count(True) == 1
+        second = await cache.get(KEY)
+        assert second.value != first.value
+        assert token_server.requests == 2  # one refresh for the whole burst
+        assert not cache.invalidate(KEY, first)  # a late 401 for the old token: no-op
+        assert (await cache.get(KEY)) is second and token_server.requests == 2
+    finally:
+        await cache.aclose()
+
+
+async def test_a_slow_provider_times_the_request_out_not_the_fetch(
+    token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
+    gate = token_server.gate = asyncio.Event()
+    cache, _ = build(token_server, session, Clock())
+    try:
+        with pytest.raises(TokenUnavailable):
+            await cache.get(KEY, timeout=0.2)
+        gate.set()
+        await poll(lambda: cache._held(KEY) is not None, "the fetch, finished behind")
+        assert token_server.requests == 1
+    finally:
+        await cache.aclose()
+
+
+async def test_aclose_lets_waited_fetches_finish(
+    token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
+    """After a reload the old cache closes; a request waiting on its fetch still gets a
+    token (the fetch is not cancelled under it)."""
+    gate = token_server.gate = asyncio.Event()
+    cache, _ = build(token_server, session, Clock())
+    waiter = asyncio.get_running_loop().create_task(cache.get(KEY))
+    await poll(lambda: token_server.held == 1, "the fetch at the gate")
+    closing = asyncio.get_running_loop().create_task(cache.aclose())
+    await poll(lambda: cache._closed, "aclose started")
+    gate.set()
+    token = await waiter
+    await closing
+    assert token_server.is_valid(token.value.reveal())
+
+
+async def test_task_owner_cancels_what_is_left() -> None:
+    owner = TaskOwner("t")
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    task = owner.spawn(forever())
+    await started.wait()
+    assert len(owner) == 1
+    await owner.aclose()
+    assert task.cancelled() and len(owner) == 0
+    with pytest.raises(RuntimeError):
+        _ = owner.spawn(forever())
+
+
+# -- through the proxy ------------------------------------------------------------------------
+
+
+def miss_count(rt: Runtime, result: str = "miss") -> float:
+    value = rt.metrics.registry.get_sample_value(
+        "authproxy_token_cache_total", {"credential": "demo", "result": result}
+    )
+    return value or 0.0
+
+
+async def test_1000_concurrent_requests_on_a_cold_cache_make_one_fetch(
+    make_proxy: ProxyFactory, token_server: TokenServer, echo_server: EchoServer
+) -> None:
+    rt = await make_proxy(proxy_config(token_server, echo_server))
+    gate = token_server.gate = asyncio.Event()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(trust_env=False, connector=connector) as http:
+
+        async def one(i: int) -> int:
+            async with http.get(proxy_url(rt, f"/echo/r{i}")) as r:
+                await r.read()
+                return r.status
+
+        tasks = [asyncio.get_running_loop().create_task(one(i)) for i in range(1000)]
+        await poll(
+            lambda: miss_count(rt) + miss_count(rt, "coalesced") >= 1000,
+            "1000 requests waiting on the cache",
+            within=60,
+        )
+        await poll(lambda: token_server.held == 1, "the one fetch at the gate")
+        gate.set()
+        statuses = await asyncio.gather(*tasks)
+    assert statuses == [200] * 1000
+    assert token_server.requests == 1
+    assert miss_count(rt) == 1 and miss_count(rt, "coalesced") == 999
+
+
+async def test_short_tokens_are_refreshed_by_the_timer(
+    make_proxy: ProxyFactory, token_server: TokenServer, echo_server: EchoServer
+) -> None:
+    """expires_in=2: the timer refreshes at half the lifetime; requests never wait again."""
+    token_server.expires_in = 2
+    rt = await make_proxy(proxy_config(token_server, echo_server))
+    async with aiohttp.ClientSession(trust_env=False) as http:
+        async with http.get(proxy_url(rt, "/echo/first")) as r:
+            assert r.status == 200
+        await token_server.wait_requests(3)  # two timer refreshes, no request involved
+        for i in range(20):
+            async with http.get(proxy_url(rt, f"/echo/{i}")) as r:
+                assert r.status == 200
+    assert miss_count(rt) == 1
+    assert echo_server.unauthorized == 0

@@ -28,6 +28,7 @@ from proxy.pipeline import Pipeline
 from proxy.routing import Router
 from proxy.server import ProxyHandler
 from proxy.store import ChainStore
+from proxy.store_metrics import InstrumentedStore
 from proxy.stores import open_store
 from proxy.tasks import TaskOwner
 from proxy.tlsconfig import TlsError, certificate_not_after, check_tls_files
@@ -59,7 +60,8 @@ class Runtime:
     def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.metrics = Metrics(registry)
-        self.store: ChainStore = open_store(config.store)
+        # Every store call is timed (authproxy_store_operation_duration_seconds).
+        self.store: ChainStore = InstrumentedStore(open_store(config.store), self.metrics)
         from proxy.transport import SessionPool
 
         self.sessions = SessionPool()

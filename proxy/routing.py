@@ -201,6 +201,10 @@ class Router:
         """Whether some route matches this (canonical) host and port."""
         return (host, port) in self._host_routes
 
+    def host_ports(self, host: str) -> list[int]:
+        """The ports host routes serve for this (canonical) host, for messages."""
+        return sorted(p for h, p in self._host_routes if h == host)
+
     def resolve(
         self, raw_path: str, query: str, host: str | None = None, port: int | None = None
     ) -> Resolved:

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Final
@@ -142,7 +143,7 @@ class ProxyHandler:
                         "fields": {
                             "route": route,
                             "method": request.method,
-                            "path": redact_query(request.raw_path),
+                            "path": _loggable_target(request.raw_path),
                             "status": status,
                             "duration_ms": round(elapsed * 1000, 2),
                             "request_id": request_id,
@@ -214,12 +215,24 @@ class ProxyHandler:
         allow = self.tunnel_allow() if self.tunnel_allow is not None else frozenset()
         target = allowed_target(host, port, allow)
         if target is None:
-            shown = format_host(host, None if port == 443 else port)
+            refused = f"CONNECT {format_host(host, port)} refused: a tunnel cannot carry the token"
+            ports = self.pipeline.router.host_ports(host)
+            if ports:
+                urls = ", ".join(
+                    f"http://{format_host(host, None if p == 80 else p)}/" for p in ports
+                )
+                hint = (
+                    f"call {urls}... (http://, not https://) through the proxy with HTTP_PROXY "
+                    "set; authproxy attaches the token and speaks TLS to the upstream itself"
+                )
+            else:
+                hint = (
+                    "no route serves this host (authproxy is not an open proxy); forward-mode "
+                    "routes are called as http:// URLs through the proxy with HTTP_PROXY set"
+                )
             raise TunnelRefused(
-                f"CONNECT {format_host(host, port)} refused: a tunnel cannot carry the injected "
-                f"token. Call http://{shown}/... (http://, not https://) through the proxy "
-                "with HTTP_PROXY set, and authproxy originates TLS to the upstream itself; "
-                "hosts that must be tunnelled untouched (no token) go on tunnel_allow"
+                f"{refused}; {hint}. Hosts that must be tunnelled untouched, without a token, "
+                "go on tunnel_allow"
             )
         self.tunnels_open += 1
         try:
@@ -263,6 +276,17 @@ class ProxyHandler:
             raise
         finally:
             out.release()
+
+
+_USERINFO: Final = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?)[^/?#@\s]*@")
+
+
+def _loggable_target(raw_target: str) -> str:
+    """The request-target for the access log: query secrets and any userinfo redacted (a
+    refused `http://user:password@host/` must not leave its password in the log)."""
+    if "@" in raw_target:
+        raw_target = _USERINFO.sub(r"\1[REDACTED]@", raw_target, count=1)
+    return redact_query(raw_target)
 
 
 def _end_connect(request: web.BaseRequest, resp: web.StreamResponse) -> None:

@@ -341,6 +341,18 @@ async def test_aiohttp_trust_env_through_http_proxy(
     assert_upstream_saw_token(echo, token_server, upstream.port)
 
 
+async def test_proxy_credentials_are_dropped_when_proxy_auth_is_off(
+    fproxy: Runtime,
+    upstream: Upstream,
+    token_server: TokenServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", f"http://someone:secret@127.0.0.1:{fproxy.proxy_port}")
+    resp = await asyncio.to_thread(requests.get, f"http://{API_HOST}/v1/x", timeout=20)
+    assert resp.status_code == 200
+    assert_upstream_saw_token(resp.json(), token_server, upstream.port)  # no Proxy-Authorization
+
+
 async def test_upstream_redirect_is_passed_back_not_followed(
     fproxy: Runtime, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:

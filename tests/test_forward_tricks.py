@@ -10,6 +10,7 @@ import pytest
 from proxy.demo import EchoServer, TokenServer
 from proxy.runtime import Runtime
 from tests import test_forward
+from tests.conftest import LogCapture
 from tests.test_forward import API_HOST, Upstream, raw_exchange
 
 upstream = test_forward.upstream  # fixtures shared with test_forward.py
@@ -163,4 +164,24 @@ async def test_the_upstreams_own_address_is_not_a_route(
         )
         resp = await raw_exchange(fproxy.proxy_port or 0, head.encode())
         assert (resp.status, resp.headers.get("X-Authproxy-Error")) == (404, "no_route")
+    assert upstream.echo.requests == 0
+
+
+async def test_refused_userinfo_never_reaches_the_log(
+    fproxy: Runtime, upstream: Upstream, log_capture: LogCapture
+) -> None:
+    secret = "pw-in-the-url-51c2"
+    for head in (
+        f"GET http://app:{secret}@{API_HOST}/x?access_token={secret} HTTP/1.1\r\n"
+        f"Host: {API_HOST}\r\nConnection: close\r\n\r\n",
+        f"CONNECT app:{secret}@localhost:{upstream.port} HTTP/1.1\r\n"
+        f"Host: localhost:{upstream.port}\r\nConnection: close\r\n\r\n",
+    ):
+        resp = await raw_exchange(fproxy.proxy_port or 0, head.encode(), within=5.0)
+        assert resp.status == 400
+        assert secret not in resp.body.decode()
+    paths = [line["path"] for line in log_capture.lines() if line.get("event") == "access"]
+    assert f"http://[REDACTED]@{API_HOST}/x?access_token=[REDACTED]" in paths
+    assert f"[REDACTED]@localhost:{upstream.port}" in paths
+    log_capture.assert_clean(secret)
     assert upstream.echo.requests == 0

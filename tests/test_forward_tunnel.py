@@ -306,11 +306,23 @@ async def test_connect_refused(
     assert upstream.echo.requests == 0 and tcp_echo.accepted == 0
 
 
-async def test_refusal_message_names_the_http_url_to_use(tproxy: Runtime) -> None:
-    head = f"CONNECT {API_HOST}:443 HTTP/1.1\r\nHost: {API_HOST}:443\r\n\r\n"
+@pytest.mark.parametrize(
+    ("authority", "hint"),
+    [
+        (f"{API_HOST}:443", f"call http://{API_HOST}/..."),
+        (f"{API_HOST}:8443", f"call http://{API_HOST}/..."),
+        ("alt.example.test:443", "call http://alt.example.test:8080/..."),
+        ("evil.example:443", "no route serves this host"),
+    ],
+)
+async def test_refusal_message_names_the_http_url_to_use(
+    tproxy: Runtime, authority: str, hint: str
+) -> None:
+    head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
     resp = await raw_exchange(tproxy.proxy_port or 0, head.encode(), within=5.0)
     assert resp.status == 403
-    assert f"http://{API_HOST}/" in resp.json()["message"]
+    message = resp.json()["message"]
+    assert hint in message and "tunnel_allow" in message
 
 
 async def test_curl_to_a_route_host_over_https_gets_the_explanation(

@@ -36,14 +36,18 @@ log = logging.getLogger("authproxy.tunnel")
 
 _READ: Final = 64 * 1024
 _CLOSE_WAIT: Final = 5.0
+_UNSPECIFIED: Final = frozenset({"0.0.0.0", "::", ""})
 
 
 def allowed_target(host: str, port: int, allow: Iterable[HostPort]) -> HostPort | None:
-    """The `tunnel_allow` entry this canonical (host, port) names, or None."""
+    """The `tunnel_allow` entry this canonical (host, port) names, or None. Entries that name
+    no single host (an unspecified address such as 0.0.0.0, port 0) allow nothing."""
     for entry in allow:
         try:
             entry_host = normalize_host(entry.host)
         except ValueError:
+            continue
+        if entry_host in _UNSPECIFIED or not 0 < entry.port <= 65535:
             continue
         if entry.port == port and entry_host == host:
             return HostPort(entry_host, entry.port)

@@ -177,3 +177,8 @@ def test_tunnel_allow_matching() -> None:
     assert allowed_target("registry.example.com", 8443, allow) is None
     assert allowed_target("example.com", 443, allow) is None
     assert format_host("::1", 8443) == "[::1]:8443"
+    # What a config typo such as ":443" turns into never opens a tunnel anywhere.
+    sloppy = frozenset({HostPort("0.0.0.0", 443), HostPort("::", 443), HostPort("h.example", 0)})
+    assert allowed_target("0.0.0.0", 443, sloppy) is None
+    assert allowed_target("::", 443, sloppy) is None
+    assert allowed_target("h.example", 0, sloppy) is None

@@ -225,6 +225,7 @@ class Config:
     tunnel_allow: frozenset[HostPort] = frozenset()
     proxy_auth: Mapping[str, SecretRef] = field(default_factory=dict)
     shutdown_grace: float = 10.0
+    tunnel_idle_timeout: float = 300.0
     ready_requires_tokens: bool = False
     log_level: str = "info"
     source: Path | None = None
@@ -558,10 +559,11 @@ def _route(
     port: int | None = None
     if host_text is not None:
         h, sep, p = host_text.rpartition(":")
-        if sep and p.isdigit() and not host_text.endswith("]"):
-            host, port = h, int(p)
+        bare_ipv6 = host_text.count(":") > 1 and not host_text.startswith("[")
+        if sep and p.isdigit() and not host_text.endswith("]") and not bare_ipv6:
+            host, port = h, int(p)  # host:port or [v6]:port
         else:
-            host = host_text
+            host = host_text  # a name, or an IPv6 literal such as ::1 (no port without brackets)
         host = host.strip("[]").lower().rstrip(".")
         if "/" in host or "@" in host or not host:
             r.problem(_join(path, "match.host"), "expected a host name, optionally with :port")
@@ -627,6 +629,7 @@ _TOP_KEYS: Final = {
     "shutdown_grace",
     "ready_requires_tokens",
     "log_level",
+    "tunnel_idle_timeout",
 }
 
 
@@ -702,8 +705,15 @@ def parse_config(raw: object, *, base_dir: Path = Path("."), source: Path | None
         r.problem("tunnel_allow", "expected a list of host:port")
         tunnel_raw = []
     for i, item in enumerate(tunnel_raw):
+        text = str(item)
+        host_part = text.rpartition(":")[0].strip("[]")
         hp = r.host_port(item, f"tunnel_allow[{i}]", HostPort("", 0))
-        if hp.host:
+        if not host_part or not 1 <= hp.port <= 65535:
+            r.problem(
+                f"tunnel_allow[{i}]",
+                f"expected HOST:PORT with a host and a port 1-65535, got {text!r}",
+            )
+        elif hp.host:
             tunnel.add(HostPort(hp.host.lower().rstrip("."), hp.port))
 
     proxy_auth: dict[str, SecretRef] = {}
@@ -726,6 +736,7 @@ def parse_config(raw: object, *, base_dir: Path = Path("."), source: Path | None
         tunnel_allow=frozenset(tunnel),
         proxy_auth=proxy_auth,
         shutdown_grace=r.convert(top, "shutdown_grace", "", parse_duration, 10.0),
+        tunnel_idle_timeout=r.convert(top, "tunnel_idle_timeout", "", parse_duration, 300.0),
         ready_requires_tokens=r.boolean(top, "ready_requires_tokens", "", False),
         log_level=r.choice(top, "log_level", "", ("debug", "info", "warning", "error"), "info"),
         source=source,

@@ -69,6 +69,8 @@ class Runtime:
         self.handler = ProxyHandler(
             self.engine.pipeline,
             proxy_users=self._proxy_users,
+            tunnel_allow=lambda: self.config.tunnel_allow,
+            tunnel_idle_timeout=config.tunnel_idle_timeout,
         )
         self._owner = TaskOwner("runtime")
         self._runners: list[web.BaseRunner] = []
@@ -248,6 +250,7 @@ class Runtime:
         self.sessions.prune({c.tls for c in new.credentials.values()} | {r.tls for r in new.routes})
         self.config = new
         self.handler.pipeline = self.engine.pipeline
+        self.handler.tunnel_idle_timeout = new.tunnel_idle_timeout
         self._register_secrets()
         scrubber().refresh_static()
         _ = self._owner.spawn(old.aclose(), name="close old engine")

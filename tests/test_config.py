@@ -240,3 +240,32 @@ def test_config_path_defaults_to_env_then_cwd(
     monkeypatch.delenv("AUTHPROXY_CONFIG")
     missing = run_cli("check", cwd=tmp_path)
     assert missing.returncode == 2 and "authproxy.yaml" in missing.stderr
+
+
+def test_ipv6_host_routes_and_tunnel_allow_entries() -> None:
+    raw = minimal(tunnel_allow=["registry.example.com:443", "[::1]:8443"], tunnel_idle_timeout="2m")
+    raw["routes"].append(
+        {
+            "name": "v6",
+            "match": {"host": "::1"},
+            "upstream": "https://[::1]:9443/",
+            "credential": "pay",
+        }
+    )
+    raw["routes"].append(
+        {
+            "name": "v6p",
+            "match": {"host": "[::1]:8080"},
+            "upstream": "https://[::1]:9443/",
+            "credential": "pay",
+        }
+    )
+    config = parse_config(raw)
+    v6, v6p = config.routes[1], config.routes[2]
+    assert (v6.host, v6.port) == ("::1", None)
+    assert (v6p.host, v6p.port) == ("::1", 8080)
+    assert {str(h) for h in config.tunnel_allow} == {"registry.example.com:443", "[::1]:8443"}
+    assert config.tunnel_idle_timeout == 120.0
+    found = problems_of(minimal(tunnel_allow=[":443", "host:0"]))
+    assert any(p.startswith("tunnel_allow[0]: expected HOST:PORT with a host") for p in found)
+    assert any(p.startswith("tunnel_allow[1]: expected HOST:PORT with a host") for p in found)

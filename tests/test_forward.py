@@ -114,10 +114,8 @@ def forward_config(
 
 async def start_forward_proxy(make_proxy: ProxyFactory, raw: dict[str, Any]) -> Runtime:
     runtime = await make_proxy(raw)
-    # Until runtime.py passes it (see the issue 6 report), give the real handler its allow-list
-    # the way the runtime will: read from the live configuration on every CONNECT.
-    if runtime.handler.tunnel_allow is None:
-        runtime.handler.tunnel_allow = lambda: runtime.config.tunnel_allow
+    # The runtime reads tunnel_allow from its live configuration on every CONNECT.
+    assert runtime.handler.tunnel_allow is not None
     return runtime
 
 

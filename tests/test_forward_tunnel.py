@@ -530,7 +530,6 @@ async def test_shutdown_closes_open_tunnels(
     path = tmp_path / "shutdown.yaml"
     path.write_text(yaml.safe_dump(raw))
     rt = Runtime(load_config(path))
-    rt.handler.tunnel_allow = lambda: rt.config.tunnel_allow
     await rt.start()
     status, _, tunnel = await open_raw_tunnel(rt.proxy_port or 0, f"127.0.0.1:{tcp_echo.port}")
     assert status == 200

@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import aiohttp
 from aiohttp_retry import RetryClient, RetryOptionsBase
@@ -113,6 +113,22 @@ class ProviderRetry(RetryOptionsBase):
         # A connection failure: back off, but never past the deadline (the budget's timeout
         # would end the sleep anyway; ending it early leaves time for one more try).
         return max(0.0, min(self.backoff(attempt), self.remaining() - 0.05))
+
+
+class _CountingSession:
+    """What RetryClient calls (`request`), counting every HTTP call it makes
+    (`authproxy_token_endpoint_attempts_total`, retries included)."""
+
+    def __init__(self, session: aiohttp.ClientSession, on_call: Callable[[], None]) -> None:
+        self._session = session
+        self._on_call = on_call
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Any:
+        self._on_call()
+        return self._session.request(method, url, **kwargs)
+
+    async def close(self) -> None:  # RetryClient.close(); the session belongs to the pool
+        return None
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -257,7 +273,9 @@ class TokenEndpoint:
         name = self.cred.name
 
         options = ProviderRetry(RETRY_ATTEMPTS if retry else 1, started + budget)
-        client = RetryClient(client_session=self._session(), retry_options=options, logger=log)
+        attempts = self._metrics.token_attempts.labels(name)
+        counting = cast(aiohttp.ClientSession, _CountingSession(self._session(), attempts.inc))
+        client = RetryClient(client_session=counting, retry_options=options, logger=log)
         sent_at = self._clock()
         outcome = "success"
         try:

@@ -208,10 +208,13 @@ class TokenCache:
             self._set_state(key, CredentialState.OK, None)
 
     def refresh_now(self, key: ChainKey) -> bool:
-        """Start a refresh in the background (admin `POST .../refresh`); False if one runs."""
+        """Start a refresh in the background (admin `POST .../refresh`); False if one runs.
+
+        The held token is passed as `reject`, so the source really calls the provider (a
+        chain rotates) instead of handing back the token it already stored."""
         if key in self._inflight:
             return False
-        _ = self._start(key, None, probe=False)
+        _ = self._start(key, self._held(key), probe=False)
         return True
 
     def _start(

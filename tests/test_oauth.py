@@ -87,7 +87,11 @@ async def test_transient_failures_are_retried(
     resp = await endpoint(token_server, session, metrics).client_credentials()
     assert token_server.is_valid(resp.access_token.value.reveal())
     assert token_server.requests == 3  # two failures, then the answer
-    assert outcome_count(metrics, "success") == 1
+    assert outcome_count(metrics, "success") == 1  # one logical request...
+    attempts = metrics.registry.get_sample_value(
+        "authproxy_token_endpoint_attempts_total", {"credential": "demo"}
+    )
+    assert attempts == 3  # ...of three HTTP calls
 
 
 async def test_retries_stop_after_four_calls(

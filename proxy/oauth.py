@@ -371,12 +371,17 @@ class TokenEndpoint:
             raise MalformedTokenResponse(
                 "malformed", "the token response is not a JSON object", status=status
             )
+        # Register what the provider sent before validating it: an answer refused below (its
+        # token_type, say) may still carry live tokens that an error message could echo.
+        for name in ("access_token", "refresh_token"):
+            value = data.get(name)
+            if isinstance(value, str) and value:
+                scrubber().add_token(value)
         access = data.get("access_token")
         if not isinstance(access, str) or not access:
             raise MalformedTokenResponse(
                 "malformed", "the token response has no access_token", status=status
             )
-        scrubber().add_token(access)
         if not _TOKEN_CHARS.fullmatch(access):
             raise MalformedTokenResponse(
                 "malformed",
@@ -393,8 +398,6 @@ class TokenEndpoint:
             raise MalformedTokenResponse(
                 "malformed", "refresh_token is not a string", status=status
             )
-        if isinstance(refresh, str):
-            scrubber().add_token(refresh)
         offset = self._clock_offset(resp, sent_at, received)
         expires_in = self._expires_in(data.get("expires_in"))
         expires_at = received + expires_in

@@ -179,6 +179,7 @@ class Runtime:
         self.admin_port = _bound_port(admin_runner)
         _ = self._owner.spawn(self._maintenance(), name="maintenance")
         self._update_cert_metrics()
+        await self._sync_chain_states()
         event(
             log,
             logging.INFO,
@@ -272,6 +273,25 @@ class Runtime:
                 event(log, logging.INFO, "tls", "client certificate reloaded", file=path)
             scrubber().refresh_static()
             self._update_cert_metrics()
+
+    async def _sync_chain_states(self) -> None:
+        """Unseeded or refused chains show as reauth_required from the start (metric, /admin,
+        alerts), not only once a request has tried them."""
+        for name, cred in self.config.credentials.items():
+            if cred.grant != "refresh_token" or cred.subject_header:
+                continue
+            try:
+                rec = await self.store.get(ChainKey(name))
+            except StoreError:
+                continue  # /readyz reports the store
+            if rec is None:
+                self.engine.tokens.note_state(
+                    name,
+                    CredentialState.REAUTH_REQUIRED,
+                    f"no refresh token seeded (authproxy seed {name})",
+                )
+            elif rec.state is not CredentialState.OK:
+                self.engine.tokens.note_state(name, rec.state, rec.last_error)
 
     def _update_cert_metrics(self) -> None:
         now = time.time()

@@ -207,6 +207,11 @@ class TokenCache:
         if key.subject is None and key.credential in self.health:
             self._set_state(key, CredentialState.OK, None)
 
+    def note_state(self, credential: str, state: CredentialState, error: str | None) -> None:
+        """A state learned outside a fetch (from the store, at start-up)."""
+        if credential in self.health:
+            self._set_state(ChainKey(credential), state, error)
+
     def refresh_now(self, key: ChainKey) -> bool:
         """Start a refresh in the background (admin `POST .../refresh`); False if one runs.
 

@@ -39,13 +39,26 @@ LAYERS: dict[str, int] = {
     "tunnel": 6,
     "runtime": 7,
     "workers": 7,
+    "demo_http": 8,
+    "demo_idp": 8,
+    "demo_echo": 8,
     "demo": 8,
     "demo_run": 8,
     "cli": 9,
     "__main__": 9,
     "__init__": 0,
 }
-WEB_ALLOWED = {"server", "admin", "tunnel", "runtime", "demo", "demo_run"}
+WEB_ALLOWED = {
+    "server",
+    "admin",
+    "tunnel",
+    "runtime",
+    "demo",
+    "demo_run",
+    "demo_http",
+    "demo_idp",
+    "demo_echo",
+}
 
 
 def _type_checking_only(tree: ast.Module) -> set[int]:
@@ -113,6 +126,9 @@ def test_every_module_has_a_test_file() -> None:
         "runtime": "test_lifecycle",
         "cli": "test_config, test_cli_commands",
         "demo_run": "test_cli_commands",
+        "demo_http": "test_demo",
+        "demo_idp": "test_demo",
+        "demo_echo": "test_demo",
         "tasks": "test_tokens",
         "transport": "test_mtls",
         "server": "test_pipeline, test_forward",

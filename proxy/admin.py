@@ -65,8 +65,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def list_credentials(request: web.Request) -> web.Response:
-    creds = await request.app[RUNTIME].credential_status()
-    return web.json_response({"credentials": creds})
+    runtime = request.app[RUNTIME]
+    creds = await runtime.credential_status()
+    # Verification can never be off silently: routes without it are listed too.
+    insecure = [r.name for r in runtime.config.routes if r.tls and r.tls.insecure_skip_verify]
+    body: dict[str, object] = {"credentials": creds}
+    if insecure:
+        body["insecure_routes"] = insecure
+    return web.json_response(body)
 
 
 async def seed(request: web.Request) -> web.Response:

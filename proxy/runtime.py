@@ -77,6 +77,7 @@ class Runtime:
         self._stopping = asyncio.Event()
         self.proxy_port: int | None = None
         self._cert_warned: set[tuple[str, float]] = set()
+        self._users: dict[str, str] = self._read_proxy_users()
         self.admin_port: int | None = None
         self._register_secrets()
 
@@ -127,12 +128,16 @@ class Runtime:
         scrubber().add_static_source(values)
 
     def _proxy_users(self) -> dict[str, str]:
+        """The callers' passwords, as last read (no file I/O on the request path)."""
+        return self._users
+
+    def _read_proxy_users(self) -> dict[str, str]:
         users = {}
         for user, ref in self.config.proxy_auth.items():
             try:
                 users[user] = ref.resolve().reveal()
             except (OSError, KeyError):
-                continue
+                continue  # an unreadable password lets nobody in as that user
         return users
 
     def admin_token(self) -> str | None:
@@ -250,6 +255,7 @@ class Runtime:
         # Close the sessions of TLS identities the new configuration no longer names.
         self.sessions.prune({c.tls for c in new.credentials.values()} | {r.tls for r in new.routes})
         self.config = new
+        self._users = self._read_proxy_users()
         self.handler.pipeline = self.engine.pipeline
         self.handler.tunnel_idle_timeout = new.tunnel_idle_timeout
         self._register_secrets()
@@ -272,6 +278,7 @@ class Runtime:
             for path in reloaded:
                 event(log, logging.INFO, "tls", "client certificate reloaded", file=path)
             scrubber().refresh_static()
+            self._users = await asyncio.to_thread(self._read_proxy_users)
             self._update_cert_metrics()
 
     async def _sync_chain_states(self) -> None:

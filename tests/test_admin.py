@@ -398,3 +398,28 @@ async def test_readyz_waits_for_first_tokens_when_asked(
     assert (await call(http, "GET", proxy_url(rt, "/chain/a")))[0] == 200
     status, body, _ = await call(http, "GET", url)
     assert (status, body["checks"]) == (200, {"config": True, "store": True, "tokens": True})
+
+
+async def test_routes_without_verification_are_listed(
+    make_proxy: ProxyFactory,
+    token_server: TokenServer,
+    echo_server: EchoServer,
+    http: aiohttp.ClientSession,
+    log_capture: Any,
+) -> None:
+    raw = proxy_config(token_server, echo_server)
+    raw["routes"].append(
+        {
+            "name": "lax",
+            "match": {"prefix": "/lax"},
+            "upstream": f"{echo_server.url}/api",
+            "credential": "demo",
+            "tls": {"insecure_skip_verify": True},
+        }
+    )
+    runtime = await make_proxy(raw)
+    async with http.get(admin_url(runtime, "/admin/credentials")) as resp:
+        body = await resp.json()
+    assert body["insecure_routes"] == ["lax"]
+    warnings = [line for line in log_capture.lines() if line["event"] == "config"]
+    assert any("routes[1].tls.insecure_skip_verify" in w.get("message", "") for w in warnings)

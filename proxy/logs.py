@@ -16,6 +16,7 @@ import logging.handlers
 import queue
 import re
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -249,7 +250,141 @@ class _ScrubbingQueueHandler(logging.handlers.QueueHandler):
         return record
 
 
-_listener: logging.handlers.QueueListener | None = None
+_REQUEST_USERINFO: Final = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?)[^/?#@\s]*@")
+
+
+def loggable_target(raw_target: str) -> str:
+    """A request-target for the access log: query secrets and any userinfo redacted (a refused
+    `http://user:password@host/` must not leave its password in the log)."""
+    if "@" in raw_target:
+        raw_target = _REQUEST_USERINFO.sub(r"\1[REDACTED]@", raw_target, count=1)
+    return redact_query(raw_target)
+
+
+class _Access(tuple[float, str | None, str, str, int, float, str, str | None]):
+    """One access line as the event loop hands it over: (time, route, method, raw target,
+    status, seconds, request id, credential). Redacted, scrubbed and formatted on the writer
+    thread, so the loop pays for a tuple and a queue put, not a LogRecord and a regex pass."""
+
+    __slots__ = ()
+
+
+_STOP: Final = object()
+
+
+class _Writer:
+    """The thread that writes every log line: `LogRecord`s (already scrubbed by the handler's
+    filter) and access lines (scrubbed here). It wakes on the first queued item, lets a short
+    burst gather, then writes the whole batch with one write and one flush."""
+
+    GATHER_SECONDS: Final = 0.01
+    MAX_BATCH: Final = 4096
+
+    def __init__(self, q: queue.SimpleQueue[Any], stream: IO[str]) -> None:
+        self._queue = q
+        self._stream = stream
+        self._formatter = JsonFormatter()
+        self._thread = threading.Thread(target=self._run, name="authproxy-log-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            batch = [q.get()]
+            if batch[0] is not _STOP:
+                time.sleep(self.GATHER_SECONDS)
+            try:
+                while len(batch) < self.MAX_BATCH:
+                    batch.append(q.get_nowait())
+            except queue.Empty:
+                pass
+            lines = []
+            stop = False
+            for item in batch:
+                if item is _STOP:
+                    stop = True
+                    continue
+                try:
+                    lines.append(self._line(item))
+                except Exception:  # noqa: S112 - one unformattable record must not stop logging
+                    continue
+            if lines:
+                try:
+                    self._stream.write("".join(lines))
+                    self._stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr closed or full: nothing better to do with a log line
+            if stop:
+                return
+
+    def _line(self, item: Any) -> str:
+        if isinstance(item, _Access):
+            created, route, method, target, status, seconds, request_id, credential = item
+            scrub = _SCRUBBER.scrub
+            out: dict[str, Any] = {
+                "ts": _iso(created),
+                "level": "info",
+                "event": "access",
+                "route": route if route is None else scrub(route),
+                "method": scrub(method),
+                "path": scrub(loggable_target(target)),
+                "status": status,
+                "duration_ms": round(seconds * 1000, 2),
+                "request_id": scrub(request_id),
+                "credential": credential if credential is None else scrub(credential),
+            }
+            return json.dumps(out, separators=(",", ":")) + "\n"
+        return self._formatter.format(item) + "\n"
+
+
+_ACCESS_LOG: Final = logging.getLogger("authproxy.access")
+_queue: queue.SimpleQueue[Any] | None = None
+_writer: _Writer | None = None
+
+
+def access(
+    route: str | None,
+    method: str,
+    target: str,
+    status: int,
+    seconds: float,
+    request_id: str,
+    credential: str | None,
+) -> None:
+    """The access line of one request (SPEC section 7): `target` is the raw request-target;
+    its query secrets and userinfo are redacted and the line scrubbed off the event loop.
+
+    Honours the `authproxy.access` logger's level; without `setup_logging` (a library user,
+    some tests) the line goes through the logging module as any other record."""
+    if not _ACCESS_LOG.isEnabledFor(logging.INFO):
+        return
+    q = _queue
+    if q is not None:
+        q.put(
+            _Access((time.time(), route, method, target, status, seconds, request_id, credential))
+        )
+        return
+    _ACCESS_LOG.info(
+        "",
+        extra={
+            "event": "access",
+            "fields": {
+                "route": route,
+                "method": method,
+                "path": loggable_target(target),
+                "status": status,
+                "duration_ms": round(seconds * 1000, 2),
+                "request_id": request_id,
+                "credential": credential,
+            },
+        },
+    )
 
 
 def _log_uncaught(
@@ -271,18 +406,17 @@ def _log_uncaught(
 
 def setup_logging(level: str = "info", stream: IO[str] | None = None) -> None:
     """Route every logger (ours and libraries') through the scrubber to JSON lines on stderr."""
-    global _listener
+    global _queue, _writer
     shutdown_logging()
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    q: queue.SimpleQueue[Any] = queue.SimpleQueue()
     qh = _ScrubbingQueueHandler(q)
     qh.addFilter(_SCRUBBER)
-    out = logging.StreamHandler(stream or sys.stderr)
-    out.setFormatter(JsonFormatter())
-    _listener = logging.handlers.QueueListener(q, out, respect_handler_level=False)
-    _listener.start()
+    _writer = _Writer(q, stream or sys.stderr)
+    _writer.start()
+    _queue = q
     root.addHandler(qh)
     root.setLevel(level.upper())
     # aiohttp's own access log duplicates ours and has no redaction.
@@ -292,7 +426,8 @@ def setup_logging(level: str = "info", stream: IO[str] | None = None) -> None:
 
 def shutdown_logging() -> None:
     """Flush queued records (call before exit)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+    global _queue, _writer
+    _queue = None
+    if _writer is not None:
+        _writer.stop()
+        _writer = None

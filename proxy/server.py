@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable
 from typing import Final
@@ -26,7 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import HostPort
 from proxy.errors import BadRequest, ProxyAuthRequired, ProxyError, TunnelRefused
-from proxy.logs import redact_query
+from proxy.logs import access
 from proxy.pipeline import Inbound, Outbound, Pipeline
 from proxy.routing import (
     format_host,
@@ -37,7 +36,6 @@ from proxy.routing import (
 )
 from proxy.tunnel import allowed_target, open_tunnel
 
-access_log = logging.getLogger("authproxy.access")
 log = logging.getLogger("authproxy.server")
 
 _SMALL_BODY: Final = 256 * 1024
@@ -135,22 +133,7 @@ class ProxyHandler:
             self.in_flight -= 1
             elapsed = time.perf_counter() - started
             self.pipeline.metrics.observe_request(route or "none", request.method, status, elapsed)
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info(
-                    "",
-                    extra={
-                        "event": "access",
-                        "fields": {
-                            "route": route,
-                            "method": request.method,
-                            "path": _loggable_target(request.raw_path),
-                            "status": status,
-                            "duration_ms": round(elapsed * 1000, 2),
-                            "request_id": request_id,
-                            "credential": credential,
-                        },
-                    },
-                )
+            access(route, request.method, request.raw_path, status, elapsed, request_id, credential)
 
     def _check_proxy_auth(self, request: web.BaseRequest) -> None:
         if self.proxy_users is None:
@@ -276,17 +259,6 @@ class ProxyHandler:
             raise
         finally:
             out.release()
-
-
-_USERINFO: Final = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?)[^/?#@\s]*@")
-
-
-def _loggable_target(raw_target: str) -> str:
-    """The request-target for the access log: query secrets and any userinfo redacted (a
-    refused `http://user:password@host/` must not leave its password in the log)."""
-    if "@" in raw_target:
-        raw_target = _USERINFO.sub(r"\1[REDACTED]@", raw_target, count=1)
-    return redact_query(raw_target)
 
 
 def _end_connect(request: web.BaseRequest, resp: web.StreamResponse) -> None:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench import nginx, servers, wrk
-from bench.procs import ProcessGroup, free_port, raise_fd_limit, wait_http
+from bench.procs import ProcessGroup, free_port, raise_fd_limit, wait_http, wait_line
 
 
 def _children(pid: int) -> list[int]:
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--fwd", action="store_true", help="forward-proxy mode (absolute-form)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--forwarder", action="store_true", help="profile bench/forwarder.py instead")
     p.add_argument("--format", default="raw", choices=("flamegraph", "raw", "speedscope"))
     p.add_argument("--out", type=Path, default=Path("/tmp/authproxy-profile.txt"))
     p.add_argument("--no-profile", action="store_true", help="only run wrk")
@@ -80,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         conf = nginx.write_upstream(work / "nginx-up", up_port)
         up = group.start("upstream", nginx.argv(work / "nginx-up", conf))
         wait_http(up, f"http://127.0.0.1:{up_port}/small", 10)
+        if args.forwarder:
+            port = free_port()
+            argv_ = [sys.executable, "-m", "bench.forwarder", "--port", str(port)]
+            argv_ += ["--upstream", f"http://127.0.0.1:{up_port}", "--workers", str(args.workers)]
+            fw = group.start("forwarder", argv_, env={"PYTHONPATH": str(servers.REPO)})
+            wait_line(fw, 20)
+            return _drive(args, pyspy, work, f"http://127.0.0.1:{port}", _children(fw.pid))
         token = servers.start_token_server(group, "token-server", expires_in=3600)
         ap = servers.start_authproxy(
             group,
@@ -90,32 +98,34 @@ def main(argv: list[str] | None = None) -> int:
             upstream_port=up_port,
             log_level=args.log_level,
         )
-        script = None
-        url = f"{ap.base}/bench/{args.body}"
-        if args.fwd:
-            script = wrk.forward_script(work / "fwd.lua", "bench.local", f"/{args.body}")
-            url = ap.base + "/"
         pids = [ap.child.pid] if args.workers == 1 else _children(ap.child.pid)
-        spies = []
-        if not args.no_profile:
-            for i, pid in enumerate(pids):
-                out = args.out if len(pids) == 1 else args.out.with_suffix(f".{i}{args.out.suffix}")
-                cmd = [pyspy, "record", "-p", str(pid), "-d", str(args.seconds + 1), "-r", "200"]
-                cmd += ["-f", args.format, "-o", str(out), "--nonblocking"]
-                spies.append((out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL)))
-            time.sleep(1)
-        res = wrk.run(url, connections=args.connections, duration=args.seconds, script=script)
-        print(
-            f"wrk: {res.rps:,.0f} req/s p50 {res.p50_ms} ms p99 {res.p99_ms} ms errors {res.errors}"
-        )
-        for out, spy in spies:
-            spy.wait(timeout=args.seconds + 60)
-            print(f"profile: {out}")
-            if args.format == "raw":
-                print(top(out, 30))
+        return _drive(args, pyspy, work, f"{ap.base}/bench", pids)
     finally:
         group.stop_all()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _drive(args: argparse.Namespace, pyspy: str, work: Path, base: str, pids: list[int]) -> int:
+    script = None
+    url = f"{base}/{args.body}"
+    if args.fwd:
+        script = wrk.forward_script(work / "fwd.lua", "bench.local", f"/{args.body}")
+        url = base.removesuffix("/bench") + "/"
+    spies = []
+    if not args.no_profile:
+        for i, pid in enumerate(pids):
+            out = args.out if len(pids) == 1 else args.out.with_suffix(f".{i}{args.out.suffix}")
+            cmd = [pyspy, "record", "-p", str(pid), "-d", str(args.seconds + 1), "-r", "200"]
+            cmd += ["-f", args.format, "-o", str(out), "--nonblocking"]
+            spies.append((out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL)))
+        time.sleep(1)
+    res = wrk.run(url, connections=args.connections, duration=args.seconds, script=script)
+    print(f"wrk: {res.rps:,.0f} req/s p50 {res.p50_ms} ms p99 {res.p99_ms} ms errors {res.errors}")
+    for out, spy in spies:
+        spy.wait(timeout=args.seconds + 60)
+        print(f"profile: {out}")
+        if args.format == "raw":
+            print(top(out, 30))
     return 0
 
 

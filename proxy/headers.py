@@ -23,11 +23,33 @@ HOP_BY_HOP: Final = frozenset(
 _DROP_UPSTREAM: Final = HOP_BY_HOP | {"host", "authorization", "content-length"}
 
 
+_CONNECTION_USUAL: Final = frozenset({"keep-alive", "close", "upgrade", "te"})
+
+
 def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     listed: set[str] = set()
     for value in headers.getall("Connection", ()):
+        lowered = value.strip().lower()
+        if lowered in _CONNECTION_USUAL:  # the usual single token: no splitting
+            listed.add(lowered)
+            continue
         listed.update(v.strip().lower() for v in value.split(",") if v.strip())
     return listed
+
+
+def _without(
+    incoming: CIMultiDictProxy[str], names: frozenset[str], extra: set[str]
+) -> CIMultiDict[str]:
+    """A copy of `incoming` without the (lower-case) `names` and `extra`, order kept: a C-level
+    copy and a delete per name present, rather than a Python loop over every header."""
+    out = CIMultiDict(incoming)
+    for name in names:
+        if name in out:
+            del out[name]
+    for name in extra:
+        if name in out:
+            del out[name]
+    return out
 
 
 def upstream_headers(
@@ -43,12 +65,9 @@ def upstream_headers(
     `Host` is set by the HTTP client from the upstream URL; `drop` holds lower-case extra names
     (a route's subject header)."""
     extra = _connection_listed(incoming) if "Connection" in incoming else set()
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        lname = name.lower()
-        if lname in _DROP_UPSTREAM or lname in drop or lname in extra:
-            continue
-        out.add(name, value)
+    if drop:
+        extra |= drop
+    out = _without(incoming, _DROP_UPSTREAM, extra)
     if bearer is not None:
         out["Authorization"] = f"Bearer {bearer}"
     out["X-Request-ID"] = request_id
@@ -60,10 +79,4 @@ def upstream_headers(
 def downstream_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """What the client receives from the upstream's answer: hop-by-hop headers removed."""
     extra = _connection_listed(incoming) if "Connection" in incoming else set()
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in extra:
-            continue
-        out.add(name, value)
-    return out
+    return _without(incoming, HOP_BY_HOP, extra)

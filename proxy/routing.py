@@ -160,6 +160,14 @@ class Resolved:
 
 def _segments_safe(raw_path: str) -> list[str]:
     """Decoded segments; dot segments (also percent-encoded ones) are refused."""
+    if "%" not in raw_path and "\\" not in raw_path:
+        # Nothing to decode and no backslash to split on: the segments are the path's own.
+        segments = raw_path.split("/")
+        if "." in segments or ".." in segments:
+            raise BadRequest(
+                "the path contains a dot segment ('.' or '..'), which is not forwarded"
+            )
+        return segments
     decoded = []
     for seg in raw_path.split("/"):
         text = unquote(seg)

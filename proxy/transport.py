@@ -16,11 +16,12 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
 import aiohttp
+from multidict import CIMultiDict
 
 from proxy.config import TlsConfig
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
@@ -34,6 +35,23 @@ KEEPALIVE_SECONDS: Final = 30.0
 RETIRE_MIN_SECONDS: Final = 60.0
 """A replaced session is closed once idle, but not sooner than this: a token request between
 two retries holds no connection yet still uses its session."""
+
+
+_SKIP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent")
+
+
+class _PassThroughRequest(aiohttp.ClientRequest):
+    """A client request that adds none of aiohttp's default headers (`Accept`,
+    `Accept-Encoding`, `User-Agent`): the upstream sees what the caller sent.
+
+    Same outcome as `skip_auto_headers=` on the session, which copies the request's headers
+    and builds a fresh skip set on every request; the skip set here is built once."""
+
+    _SKIP: Final = CIMultiDict[None]((h, None) for h in sorted(_SKIP_AUTO_HEADERS))
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        # Only read by aiohttp (payload headers, the default Content-Type), never mutated.
+        self._skip_auto_headers = self._SKIP
 
 
 def _server_name_middleware(
@@ -130,7 +148,7 @@ class SessionPool:
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            request_class=_PassThroughRequest,
             middlewares=middlewares,
         )
 

@@ -1,6 +1,7 @@
 """The Python floor: a bare aiohttp forwarder that adds a static bearer token.
 
-    python -m bench.forwarder --port 8081 --upstream http://127.0.0.1:8080 --workers 2
+    python -m bench.forwarder --port 8081 --upstream http://127.0.0.1:8080 --workers 2 \
+        [--loop uvloop]
 
 Prints one JSON line `{"ready": true, ...}` once every worker is listening.
 """
@@ -70,9 +71,15 @@ async def serve(port: int, upstream: str, ready: Event) -> None:
     await runner.cleanup()
 
 
-def worker(port: int, upstream: str, ready: Event) -> None:
+def worker(port: int, upstream: str, ready: Event, loop: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    asyncio.run(serve(port, upstream, ready))
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(port, upstream, ready))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,12 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = p.parse_args(argv)
     ctx = mp.get_context("fork")
     workers = []
     for _ in range(args.workers):
         ready = ctx.Event()
-        proc = ctx.Process(target=worker, args=(args.port, args.upstream, ready), daemon=True)
+        proc = ctx.Process(
+            target=worker, args=(args.port, args.upstream, ready, args.loop), daemon=True
+        )
         proc.start()
         workers.append((proc, ready))
 

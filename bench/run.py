@@ -113,15 +113,17 @@ def start_contenders(
             c.skipped = str(e)
         out.append(c)
 
-    for n in (1, 2):
-        name = f"aiohttp-{n}w"
-        if not wanted(name):
+    forwarders = [(f"aiohttp-{n}w", n, "asyncio") for n in (1, 2)]
+    if any("uvloop" in o for o in only):  # opt-in: the bare forwarder on uvloop
+        forwarders.append(("aiohttp-1w-uvloop", 1, "uvloop"))
+    for name, n, loop in forwarders:
+        if not wanted(name) or (loop == "asyncio" and only and all("uvloop" in o for o in only)):
             continue
         c = Contender(name, "aiohttp", n)
         try:
             port = free_port()
             argv = [sys.executable, "-m", "bench.forwarder", "--port", str(port)]
-            argv += ["--upstream", up, "--workers", str(n)]
+            argv += ["--upstream", up, "--workers", str(n), "--loop", loop]
             child = group.start(name, argv, env={"PYTHONPATH": str(HERE.parent)})
             wait_line(child, 20)
             servers.check_bearer(f"http://127.0.0.1:{port}/whoami", name)
@@ -169,9 +171,15 @@ def start_contenders(
             except (StartError, OSError) as e:
                 fwd_c.skipped = f"forward mode: {e}"
         out += [c for c in (base_c, fwd_c) if wanted(c.name)]
-    if token is not None and any("quiet" in o for o in only):
-        # Opt-in: base-URL mode, 1 worker, log_level warning (no access lines): the logging cost.
-        c = Contender("authproxy-1w-quiet", "authproxy", 1)
+    # Opt-in variants of authproxy-1w-base, named in --only: `quiet` is log_level warning (no
+    # access lines: the logging cost).
+    variants: dict[str, tuple[str, dict[str, str]]] = {
+        "authproxy-1w-quiet": ("warning", {}),
+    }
+    for name, (level, env) in variants.items():
+        if token is None or not any(name.rsplit("-", 1)[1] in o for o in only):
+            continue
+        c = Contender(name, "authproxy", 1)
         try:
             ap = servers.start_authproxy(
                 group,
@@ -180,7 +188,8 @@ def start_contenders(
                 workers=1,
                 token_url=token.token_url,
                 upstream_port=upstream_port,
-                log_level="warning",
+                log_level=level,
+                env=env,
             )
             c.base = f"{ap.base}/bench"
         except (StartError, OSError) as e:
@@ -334,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default="",
         help="contenders whose name contains one of NAME[,NAME]; token figures run only when "
-        "one NAME is `tokens`; `quiet` adds authproxy-1w-quiet (log_level warning)",
+        "one NAME is `tokens`; `quiet` adds authproxy-1w-quiet (log_level warning), `uvloop` "
+        "aiohttp-1w-uvloop (the forwarder on uvloop, if installed)",
     )
     p.add_argument(
         "--quick",

@@ -183,6 +183,7 @@ def start_authproxy(
     per_user_token_url: str | None = None,
     warm: bool = True,
     log_level: str = "info",
+    env: dict[str, str] | None = None,
 ) -> AuthProxy:
     """Write a config, run `authproxy run -c CONFIG`, wait for /healthz, then (optionally) fetch
     the first token with one request so that measured runs start on a warm cache."""
@@ -199,7 +200,9 @@ def start_authproxy(
         per_user_token_url=per_user_token_url,
         log_level=log_level,
     )
-    child = group.start(name, [str(authproxy_exe()), "run", "-c", str(conf)], env=_env())
+    child = group.start(
+        name, [str(authproxy_exe()), "run", "-c", str(conf)], env={**_env(), **(env or {})}
+    )
     ap = AuthProxy(child, proxy_port, admin_port, workers, conf)
     wait_http(child, f"http://127.0.0.1:{admin_port}/healthz", 30)
     if workers > 1 and not _wait_serving(child, workers, 30):

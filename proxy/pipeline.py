@@ -54,6 +54,7 @@ class Outbound:
     response: aiohttp.ClientResponse
     route: str
     credential: str | None
+    read_timeout: float  # the longest wait for the next piece of the body
 
     def release(self) -> None:
         self.response.release()
@@ -180,6 +181,7 @@ class Pipeline:
                 response=resp,
                 route=route.name,
                 credential=route.credential,
+                read_timeout=route.total_timeout,
             )
         raise AssertionError("unreachable: the loop returns on its second pass")
 
@@ -197,13 +199,15 @@ class Pipeline:
     def _timeout(self, route: RouteConfig) -> aiohttp.ClientTimeout:
         t = self._timeouts.get(route.name)
         if t is None:
-            # total bounds the wait for response headers (below); while a body streams, the
-            # same value bounds each idle gap, so a 1 GiB download is not cut off.
+            # total bounds the wait for response headers (asyncio.timeout in _send); while the
+            # body is read, the same value bounds each idle gap (Outbound.read_timeout, applied
+            # by the server per read), so a 1 GiB download is not cut off. No sock_read here:
+            # aiohttp would re-arm that timer on every packet, and cancel it again, for every
+            # request, also when the whole answer came in one packet.
             t = self._timeouts[route.name] = aiohttp.ClientTimeout(
                 total=None,
                 connect=route.connect_timeout,
                 sock_connect=route.connect_timeout,
-                sock_read=route.total_timeout,
             )
         return t
 

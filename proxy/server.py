@@ -8,6 +8,7 @@ refused (`tunnel_refused`) unless the target is on `tunnel_allow` (see `proxy.tu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -16,11 +17,12 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import aiohttp
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import HostPort
@@ -237,11 +239,16 @@ class ProxyHandler:
         headers: CIMultiDict[str] = out.headers
         headers["X-Request-ID"] = request_id
         upstream = out.response
+        content = upstream.content
         try:
             length = upstream.content_length
             if length is not None and length <= _SMALL_BODY:
-                # Small bodies: one read and one write, cheaper than a streamed response.
-                body = await upstream.read()
+                # Small bodies: one read and one write, cheaper than a streamed response. Most
+                # came whole with the headers: read them without arming a timer.
+                if content.is_eof():
+                    body = await upstream.read()
+                else:
+                    body = b"".join([c async for c in _pieces(content, out.read_timeout)])
                 headers.popall("Content-Length", None)
                 return web.Response(
                     status=out.status, reason=out.reason, body=body, headers=headers
@@ -249,7 +256,7 @@ class ProxyHandler:
             # Without Content-Length aiohttp picks chunked for HTTP/1.1 and close-delimited for 1.0.
             resp = web.StreamResponse(status=out.status, reason=out.reason, headers=headers)
             await resp.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            async for chunk in _pieces(content, out.read_timeout):
                 await resp.write(chunk)
             await resp.write_eof()
             return resp
@@ -259,6 +266,17 @@ class ProxyHandler:
             raise
         finally:
             out.release()
+
+
+async def _pieces(content: StreamReader, idle: float) -> AsyncIterator[bytes]:
+    """The upstream body as it arrives; a gap of `idle` seconds without a byte ends it with
+    TimeoutError (the route's total timeout bounds each gap, not the whole download)."""
+    while True:
+        async with asyncio.timeout(idle):
+            chunk = await content.readany()
+        if not chunk:
+            return
+        yield chunk
 
 
 def _end_connect(request: web.BaseRequest, resp: web.StreamResponse) -> None:

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from json.encoder import encode_basestring_ascii as _encode_json_str
 from types import TracebackType
 from typing import IO, Any, Final
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode
@@ -53,6 +54,7 @@ _TOKEN_SHAPED = re.compile(rf"[{_TOKEN_CHARS}]+")
 _UNRESERVED_RUN = re.compile(r"[A-Za-z0-9\-._~]{8,}")
 _EDGE: Final = ".-_~+/="
 _MIN_SECRET_LEN: Final = 6
+_SCRUB_CACHE_MAX: Final = 10_000
 
 
 def redact_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -88,6 +90,10 @@ class Scrubber(logging.Filter):
         self._tokens: OrderedDict[str, None] = OrderedDict()
         self._odd_tokens: OrderedDict[str, None] = OrderedDict()
         self._max_tokens = max_tokens
+        # scrub() results for texts that repeat (access-line paths, route names), tagged with
+        # the generation of the secrets they were computed against: any new secret bumps it.
+        self._generation = 0
+        self._cache: dict[str, tuple[int, str]] = {}
 
     def add_static_source(self, source: Callable[[], Iterable[str]]) -> None:
         """A callable returning current static secrets (re-read by `refresh_static`)."""
@@ -109,6 +115,7 @@ class Scrubber(logging.Filter):
             values.update((quote(v, safe=""), quote_plus(v)))
         # Longest first, so a secret that contains another is replaced whole.
         self._static = tuple(sorted(values, key=len, reverse=True))
+        self._generation += 1
 
     def add_token(self, value: str) -> None:
         """Register a token obtained at run time (access or refresh token)."""
@@ -119,9 +126,22 @@ class Scrubber(logging.Filter):
         for v in (value, encoded) if encoded != value else (value,):
             bucket = self._tokens if _TOKEN_SHAPED.fullmatch(v) else self._odd_tokens
             bucket[v] = None
+            self._generation += 1
             bucket.move_to_end(v)
             while len(bucket) > self._max_tokens:
                 bucket.popitem(last=False)
+
+    def scrub_cached(self, text: str) -> str:
+        """`scrub(text)`, remembered for texts seen before while no secret was added since."""
+        generation = self._generation
+        hit = self._cache.get(text)
+        if hit is not None and hit[0] == generation:
+            return hit[1]
+        out = self.scrub(text)
+        if len(self._cache) >= _SCRUB_CACHE_MAX:
+            self._cache.clear()
+        self._cache[text] = (generation, out)  # computed against `generation` or later secrets
+        return out
 
     def scrub(self, text: str) -> str:
         for secret in self._static:
@@ -225,8 +245,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
+_iso_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+    second = int(ts)
+    if _iso_second[0] != second:
+        _iso_second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_iso_second[1]}.{int(ts % 1 * 1000):03d}Z"
 
 
 def event(logger: logging.Logger, level: int, name: str, message: str = "", **fields: Any) -> None:
@@ -261,12 +287,19 @@ def loggable_target(raw_target: str) -> str:
     return redact_query(raw_target)
 
 
-class _Access(tuple[float, str | None, str, str, int, float, str, str | None]):
+class _Access(tuple[float, str | None, str, str, int, float, str, bool, str | None]):
     """One access line as the event loop hands it over: (time, route, method, raw target,
-    status, seconds, request id, credential). Redacted, scrubbed and formatted on the writer
-    thread, so the loop pays for a tuple and a queue put, not a LogRecord and a regex pass."""
+    status, seconds, request id, whether we generated that id, credential). Redacted, scrubbed
+    and formatted on the writer thread, so the loop pays for a tuple and a queue put, not a
+    LogRecord and a regex pass."""
 
     __slots__ = ()
+
+
+def _json_str(value: str | None, scrub: Callable[[str], str] | None) -> str:
+    if value is None:
+        return "null"
+    return _encode_json_str(scrub(value) if scrub is not None else value)
 
 
 _STOP: Final = object()
@@ -325,21 +358,19 @@ class _Writer:
 
     def _line(self, item: Any) -> str:
         if isinstance(item, _Access):
-            created, route, method, target, status, seconds, request_id, credential = item
-            scrub = _SCRUBBER.scrub
-            out: dict[str, Any] = {
-                "ts": _iso(created),
-                "level": "info",
-                "event": "access",
-                "route": route if route is None else scrub(route),
-                "method": scrub(method),
-                "path": scrub(loggable_target(target)),
-                "status": status,
-                "duration_ms": round(seconds * 1000, 2),
-                "request_id": scrub(request_id),
-                "credential": credential if credential is None else scrub(credential),
-            }
-            return json.dumps(out, separators=(",", ":")) + "\n"
+            created, route, method, target, status, seconds, request_id, generated, credential = (
+                item
+            )
+            scrub = _SCRUBBER.scrub_cached
+            # What json.dumps(..., separators=(",", ":")) writes for these fields, built directly.
+            return (
+                f'{{"ts":"{_iso(created)}","level":"info","event":"access",'
+                f'"route":{_json_str(route, scrub)},"method":{_json_str(method, scrub)},'
+                f'"path":{_json_str(loggable_target(target), scrub)},"status":{int(status)},'
+                f'"duration_ms":{round(seconds * 1000, 2)!r},'
+                f'"request_id":{_json_str(request_id, None if generated else _SCRUBBER.scrub)},'
+                f'"credential":{_json_str(credential, scrub)}}}\n'
+            )
         return self._formatter.format(item) + "\n"
 
 
@@ -356,9 +387,12 @@ def access(
     seconds: float,
     request_id: str,
     credential: str | None,
+    *,
+    generated_id: bool = False,
 ) -> None:
     """The access line of one request (SPEC section 7): `target` is the raw request-target;
-    its query secrets and userinfo are redacted and the line scrubbed off the event loop.
+    its query secrets and userinfo are redacted and the line scrubbed off the event loop
+    (`generated_id`: the request id is ours, random hex, so it is not scrubbed).
 
     Honours the `authproxy.access` logger's level; without `setup_logging` (a library user,
     some tests) the line goes through the logging module as any other record."""
@@ -367,7 +401,19 @@ def access(
     q = _queue
     if q is not None:
         q.put(
-            _Access((time.time(), route, method, target, status, seconds, request_id, credential))
+            _Access(
+                (
+                    time.time(),
+                    route,
+                    method,
+                    target,
+                    status,
+                    seconds,
+                    request_id,
+                    generated_id,
+                    credential,
+                )
+            )
         )
         return
     _ACCESS_LOG.info(

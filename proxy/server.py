@@ -50,11 +50,12 @@ def new_request_id() -> str:
     return os.urandom(8).hex()
 
 
-def _request_id(request: web.BaseRequest) -> str:
+def _request_id(request: web.BaseRequest) -> tuple[str, bool]:
+    """The caller's X-Request-ID when it is sane, else a new one; and whether it is new."""
     rid = request.headers.get("X-Request-ID")
     if rid and len(rid) <= 128 and set(rid) <= _REQUEST_ID_OK:
-        return rid
-    return new_request_id()
+        return rid, False
+    return new_request_id(), True
 
 
 def error_response(exc: ProxyError, request_id: str) -> web.Response:
@@ -103,7 +104,7 @@ class ProxyHandler:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = _request_id(request)
+        request_id, generated_id = _request_id(request)
         self.in_flight += 1
         route: str | None = None
         credential: str | None = None
@@ -135,7 +136,16 @@ class ProxyHandler:
             self.in_flight -= 1
             elapsed = time.perf_counter() - started
             self.pipeline.metrics.observe_request(route or "none", request.method, status, elapsed)
-            access(route, request.method, request.raw_path, status, elapsed, request_id, credential)
+            access(
+                route,
+                request.method,
+                request.raw_path,
+                status,
+                elapsed,
+                request_id,
+                credential,
+                generated_id=generated_id,
+            )
 
     def _check_proxy_auth(self, request: web.BaseRequest) -> None:
         if self.proxy_users is None:

@@ -269,10 +269,16 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Any]:
         server.stop()
 
 
+class NotReady(Exception):
+    """Prometheus answered, but not yet with query results (503 text while it starts)."""
+
+
 async def query(
     http: aiohttp.ClientSession, prom: PrometheusServer, promql: str
 ) -> list[dict[str, Any]]:
     async with http.get(f"{prom.url}/api/v1/query", params={"query": promql}) as resp:
+        if resp.status != 200 or resp.content_type != "application/json":
+            raise NotReady(f"HTTP {resp.status} {resp.content_type}: {await resp.text()}")
         body = await resp.json()
     assert body["status"] == "success", body
     result: list[dict[str, Any]] = body["data"]["result"]
@@ -295,6 +301,8 @@ async def until_value(
             last = await query(http, prom, promql)
         except aiohttp.ClientConnectionError:
             last = "prometheus not listening yet"
+        except NotReady as exc:
+            last = str(exc)
         else:
             if len(last) == 1 and float(last[0]["value"][1]) == expected:
                 return

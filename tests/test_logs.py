@@ -475,3 +475,38 @@ def test_setup_logging_routes_library_loggers_through_the_scrubber() -> None:
     lines = [json.loads(x) for x in stream.getvalue().splitlines()]
     assert [ln["logger"] for ln in lines] == ["redis.asyncio.connection"]
     assert lines[0]["message"] == "sent AUTH [REDACTED]"
+
+
+def test_access_lines_are_json_and_a_new_secret_invalidates_their_cached_parts() -> None:
+    """Access lines are formatted once per request shape and cached; a token learnt after a
+    shape was cached must still be redacted from the next line with that shape."""
+    import io
+
+    stream = io.StringIO()
+    token = "tst-at-" + "C" * 24
+    target = f"/api/v1/items/{token}?page=2&access_token={token}"
+    logs.setup_logging("info", stream)
+    try:
+        logs.access("api", "GET", target, 200, 0.0123, "caller-id.1", "cred")
+        scrubber().add_token(token)
+        logs.access("api", "GET", target, 502, 0.5, "0123abcd", "cred", generated_id=True)
+        logs.access("api", "POST", "/api/x", 201, 0.001, token, "cred")
+    finally:
+        logs.shutdown_logging()
+        logging.getLogger().handlers.clear()
+    first, second, third = [json.loads(x) for x in stream.getvalue().splitlines()]
+    # before the token was known only the query parameter's name marked it as secret
+    assert first["path"] == f"/api/v1/items/{token}?page=2&access_token=[REDACTED]"
+    assert first["request_id"] == "caller-id.1"
+    assert second["path"] == "/api/v1/items/[REDACTED]?page=2&access_token=[REDACTED]"
+    assert {k: second[k] for k in ("event", "route", "method", "status", "credential")} == {
+        "event": "access",
+        "route": "api",
+        "method": "GET",
+        "status": 502,
+        "credential": "cred",
+    }
+    assert second["duration_ms"] == 500.0
+    assert second["request_id"] == "0123abcd"
+    assert third["request_id"] == REDACTED  # a caller's request id is scrubbed too
+    assert token not in stream.getvalue().split("\n", 1)[1]

@@ -131,11 +131,6 @@ class Scrubber(logging.Filter):
             while len(bucket) > self._max_tokens:
                 bucket.popitem(last=False)
 
-    @property
-    def generation(self) -> int:
-        """Bumped whenever a secret is added: results computed against an older one are stale."""
-        return self._generation
-
     def scrub_cached(self, text: str) -> str:
         """`scrub(text)`, remembered for texts seen before while no secret was added since."""
         generation = self._generation
@@ -292,52 +287,19 @@ def loggable_target(raw_target: str) -> str:
     return redact_query(raw_target)
 
 
+class _Access(tuple[float, str | None, str, str, int, float, str, bool, str | None]):
+    """One access line as the event loop hands it over: (time, route, method, raw target,
+    status, seconds, request id, whether we generated that id, credential). Redacted, scrubbed
+    and formatted on the writer thread, so the loop pays for a tuple and a queue put, not a
+    LogRecord and a regex pass."""
+
+    __slots__ = ()
+
+
 def _json_str(value: str | None, scrub: Callable[[str], str] | None) -> str:
     if value is None:
         return "null"
     return _encode_json_str(scrub(value) if scrub is not None else value)
-
-
-_ACCESS_PARTS_MAX: Final = 4096
-# (route, method, target, credential) -> (secrets generation, the line's fields before
-# "status", the fields after "request_id"): both redacted, scrubbed and JSON-encoded once per
-# distinct request shape rather than once per request. Touched by the event loop only.
-_access_parts: dict[tuple[str | None, str, str, str | None], tuple[int, str, str]] = {}
-
-
-def _access_line(
-    created: float,
-    route: str | None,
-    method: str,
-    target: str,
-    status: int,
-    seconds: float,
-    request_id: str,
-    generated_id: bool,
-    credential: str | None,
-) -> str:
-    """One access line as `json.dumps(..., separators=(",", ":"))` would write it."""
-    key = (route, method, target, credential)
-    generation = _SCRUBBER.generation
-    parts = _access_parts.get(key)
-    if parts is None or parts[0] != generation:
-        scrub = _SCRUBBER.scrub_cached
-        parts = (
-            generation,
-            f'"route":{_json_str(route, scrub)},"method":{_json_str(method, scrub)},'
-            f'"path":{_json_str(loggable_target(target), scrub)}',
-            f'"credential":{_json_str(credential, scrub)}}}\n',
-        )
-        if len(_access_parts) >= _ACCESS_PARTS_MAX:
-            _access_parts.clear()
-        _access_parts[key] = parts
-    # Our own ids are random hex; a caller's id could be anything it chose, a token included.
-    rid = f'"{request_id}"' if generated_id else _json_str(request_id, _SCRUBBER.scrub)
-    return (
-        f'{{"ts":"{_iso(created)}","level":"info","event":"access",{parts[1]},'
-        f'"status":{int(status)},"duration_ms":{round(seconds * 1000, 2)!r},'
-        f'"request_id":{rid},{parts[2]}'
-    )
 
 
 _STOP: Final = object()
@@ -345,11 +307,13 @@ _STOP: Final = object()
 
 class _Writer:
     """The thread that writes every log line: `LogRecord`s (already scrubbed by the handler's
-    filter) and access lines (already formatted and scrubbed by `access`). It wakes on the
-    first queued item, lets a short burst gather, then writes the whole batch with one write
-    and one flush."""
+    filter) and access lines (scrubbed here). It wakes on the first queued item, lets a short
+    burst gather, then writes the whole batch with one write and one flush."""
 
-    GATHER_SECONDS: Final = 0.01
+    # Each wake takes the GIL from the event loop a few times; 50 ms batches (not 10 ms) cut
+    # that to ~20 wakes a second under load. A/B against 10 ms, in one interleaved run:
+    # 0.79x vs 0.76x and 0.89x vs 0.83x the bare forwarder (16 and 128 connections).
+    GATHER_SECONDS: Final = 0.05
     MAX_BATCH: Final = 4096
 
     def __init__(self, q: queue.SimpleQueue[Any], stream: IO[str]) -> None:
@@ -396,8 +360,20 @@ class _Writer:
                 return
 
     def _line(self, item: Any) -> str:
-        if isinstance(item, str):
-            return item  # an access line, formatted and scrubbed on the event loop
+        if isinstance(item, _Access):
+            created, route, method, target, status, seconds, request_id, generated, credential = (
+                item
+            )
+            scrub = _SCRUBBER.scrub_cached
+            # What json.dumps(..., separators=(",", ":")) writes for these fields, built directly.
+            return (
+                f'{{"ts":"{_iso(created)}","level":"info","event":"access",'
+                f'"route":{_json_str(route, scrub)},"method":{_json_str(method, scrub)},'
+                f'"path":{_json_str(loggable_target(target), scrub)},"status":{int(status)},'
+                f'"duration_ms":{round(seconds * 1000, 2)!r},'
+                f'"request_id":{_json_str(request_id, None if generated else _SCRUBBER.scrub)},'
+                f'"credential":{_json_str(credential, scrub)}}}\n'
+            )
         return self._formatter.format(item) + "\n"
 
 
@@ -418,11 +394,8 @@ def access(
     generated_id: bool = False,
 ) -> None:
     """The access line of one request (SPEC section 7): `target` is the raw request-target;
-    its query secrets and userinfo are redacted and the line scrubbed, once per distinct
-    (route, method, target, credential) while no secret was added, and formatted here; the
-    writer thread only writes it (`generated_id`: the request id is ours, random hex, so it is
-    not scrubbed). Formatting here rather than on the writer thread keeps that thread from
-    taking the GIL back and forth with the event loop on every batch.
+    its query secrets and userinfo are redacted and the line scrubbed off the event loop
+    (`generated_id`: the request id is ours, random hex, so it is not scrubbed).
 
     Honours the `authproxy.access` logger's level; without `setup_logging` (a library user,
     some tests) the line goes through the logging module as any other record."""
@@ -431,16 +404,18 @@ def access(
     q = _queue
     if q is not None:
         q.put(
-            _access_line(
-                time.time(),
-                route,
-                method,
-                target,
-                status,
-                seconds,
-                request_id,
-                generated_id,
-                credential,
+            _Access(
+                (
+                    time.time(),
+                    route,
+                    method,
+                    target,
+                    status,
+                    seconds,
+                    request_id,
+                    generated_id,
+                    credential,
+                )
             )
         )
         return

@@ -79,6 +79,19 @@ def _cols(key: ChainKey) -> tuple[str, str]:
     return key.credential, "" if key.subject is None else key.subject
 
 
+def _switch_to_wal(conn: sqlite3.Connection, deadline: float) -> str:
+    """`PRAGMA journal_mode = WAL`, retried until `deadline`: when several processes open a new
+    file at once, SQLite answers "database is locked" at once, without its busy handler (two
+    readers upgrading their locks would deadlock), and the switch succeeds a moment later."""
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)  # on the store's own thread, never the event loop
+
+
 @contextlib.contextmanager
 def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
     """One write transaction holding the write lock from its first statement on."""
@@ -258,7 +271,7 @@ class SqliteStore:
             raise StoreUnavailable(f"cannot open sqlite store {self.path}: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _switch_to_wal(conn, time.monotonic() + self._busy_timeout)
             if str(mode).lower() != "wal":
                 raise StoreUnavailable(
                     f"sqlite store {self.path}: cannot switch to WAL mode (got {mode}); "

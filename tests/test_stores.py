@@ -481,6 +481,24 @@ async def test_sqlite_keeps_chains_across_reopen(tmp_path: Path) -> None:
         await second.aclose()
 
 
+async def test_sqlite_many_stores_opening_a_new_file_at_once_all_open(tmp_path: Path) -> None:
+    """Workers starting together on a fresh file: SQLite refuses the WAL switch of all but one
+    with "database is locked" (no busy handler there); every store must still open."""
+    for attempt in range(5):
+        path = tmp_path / f"fresh-{attempt}.db"
+        stores = [SqliteStore(path) for _ in range(12)]
+        try:
+            results = await asyncio.gather(
+                *(s.acquire_lease(KEY, f"owner-{n}", ttl=60) for n, s in enumerate(stores)),
+                return_exceptions=True,
+            )
+        finally:
+            for s in stores:
+                await s.aclose()
+        assert [r for r in results if isinstance(r, BaseException)] == []
+        assert results.count(True) == 1
+
+
 @pytest.mark.parametrize("case", ["parent_is_a_file", "not_a_database"])
 async def test_sqlite_file_that_cannot_be_opened_is_unavailable(tmp_path: Path, case: str) -> None:
     blocker = tmp_path / "blocker"

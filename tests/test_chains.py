@@ -5,7 +5,8 @@ expiries are driven by an injected clock (a plain callable), so no test sleeps."
 from __future__ import annotations
 
 import asyncio
-import os
+import gc
+import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,29 +263,36 @@ async def test_10000_subjects_have_their_own_chains_within_budget(
     rotating_server: TokenServer, session: aiohttp.ClientSession
 ) -> None:
     store = MemoryStore()
-    engine = build(rotating_server, store, session)
+    cache = [build(rotating_server, store, session).cache]  # a box: emptied to drop it
     subjects = [f"user-{i}" for i in range(10_000)]
     for s in subjects:
         await store.seed(ChainKey("po", s), Secret(rotating_server.seed_refresh_token(s)))
-    rss_before = _rss_kib()
     sem = asyncio.Semaphore(64)
 
     async def one(s: str) -> str:
         async with sem:
-            return (await engine.cache.get(ChainKey("po", s))).value.reveal()
+            return (await cache[0].get(ChainKey("po", s))).value.reveal()
 
-    tokens = await asyncio.gather(*(one(s) for s in subjects))
-    assert len(set(tokens)) == 10_000
-    assert rotating_server.invalid_grant == 0
-    assert sum(rotating_server.rotations[s] for s in subjects) == 10_000
-    grown_mib = (_rss_kib() - rss_before) / 1024
-    # Budget stated in the README: 10,000 cached per-user chains cost under 64 MiB.
-    assert grown_mib < 64, f"10,000 chains grew RSS by {grown_mib:.1f} MiB"
-    await store.aclose()
-
-
-def _rss_kib() -> int:
-    for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    # What the engine and store hold for 10,000 rotated chains, measured as what dropping them
+    # frees: the fake IdP in this process (the other side of every chain) is not counted, as
+    # it is by RSS. `make bench` measures the whole proxy process (about 2.7 KB per chain).
+    tracemalloc.start()
+    try:
+        tokens = await asyncio.gather(*(one(s) for s in subjects))
+        assert len(set(tokens)) == 10_000
+        assert rotating_server.invalid_grant == 0
+        assert sum(rotating_server.rotations[s] for s in subjects) == 10_000
+        record = await store.get(ChainKey("po", subjects[-1]))
+        assert record is not None and record.access_token is not None
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+        await store.aclose()
+        cache.clear()
+        del tokens, record, store
+        gc.collect()
+        freed = held - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    per_chain = freed / 10_000
+    # Budget stated in the README: a cached per-user chain costs the engine under 4 KiB.
+    assert 256 < per_chain < 4096, f"{per_chain:.0f} bytes per chain"

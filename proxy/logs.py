@@ -313,7 +313,8 @@ class _Writer:
     # Each wake takes the GIL from the event loop a few times; 50 ms batches (not 10 ms) cut
     # that to ~20 wakes a second under load. A/B against 10 ms, in one interleaved run:
     # 0.79x vs 0.76x and 0.89x vs 0.83x the bare forwarder (16 and 128 connections), within
-    # the bench host's noise; kept because fewer hand-offs cannot cost the loop anything.
+    # the bench host's noise; kept for the fewer hand-offs (a 50 ms batch, ~300 lines at
+    # 6,000 req/s, formats in about 1 ms, well under the 5 ms GIL switch interval).
     GATHER_SECONDS: Final = 0.05
     MAX_BATCH: Final = 4096
 

@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, StoreError
 from proxy.logs import setup_logging, shutdown_logging
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_ATTENTION = 0, 1, 2, 3
+
+GC_YOUNG_THRESHOLD: Final = 50_000
+"""Allocations between young-generation collections while serving (CPython's default: 700).
+
+Each request in flight holds ~40 tracked objects (futures, frames, headers), so at 128
+connections the default collects every ~20 requests and promotes the live ones to the older
+generations, whose scans then cost ~45 us a request (~13% of the request path, measured).
+Requests free almost everything by reference counting (under 100 cyclic objects in 24,000
+requests), so rare collections lose nothing."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,11 +106,21 @@ async def serve(config: Config) -> int:
         print(f"authproxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         await runtime.aclose()
         return EXIT_RUNTIME
+    tune_gc_for_serving()
     try:
         await runtime.run_until_signalled()
     finally:
         await runtime.aclose()
     return EXIT_OK
+
+
+def tune_gc_for_serving() -> None:
+    """Once started: move everything loaded so far (modules, configuration, the metric
+    registry) out of the collector's sight, and collect the young generation rarely."""
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), middle, old)
 
 
 def _read_refresh_token(args: argparse.Namespace) -> str | None:

@@ -155,3 +155,45 @@ async def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
         if proc.stdout is not None:
             proc.stdout.close()
     assert CLIENT_SECRET  # the demo uses its own published secret, not the tests'
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+def test_serving_collects_rarely_but_still_frees_cycles() -> None:
+    """`authproxy run` freezes what start-up loaded and raises the young-generation threshold;
+    reference cycles are still collected once that many objects pile up."""
+    import gc
+    import weakref
+
+    from proxy.cli import GC_YOUNG_THRESHOLD, tune_gc_for_serving
+
+    before = gc.get_threshold()
+    collections: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            collections.append(info["generation"])
+
+    try:
+        tune_gc_for_serving()
+        assert gc.get_threshold() == (max(before[0], GC_YOUNG_THRESHOLD), *before[1:])
+        assert gc.get_freeze_count() > 0
+        gc.callbacks.append(seen)
+        first = _Node()
+        first.other = first
+        probe = weakref.ref(first)
+        del first
+        for _ in range(4 * GC_YOUNG_THRESHOLD):  # bounded: a collection comes long before
+            node = _Node()
+            node.other = node
+            if collections:
+                break
+        assert collections and probe() is None
+    finally:
+        if seen in gc.callbacks:
+            gc.callbacks.remove(seen)
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -17,6 +17,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import CredentialConfig, RouteConfig
+from proxy.deadlines import Deadlines
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamTimeout
 from proxy.headers import downstream_headers, upstream_headers
 from proxy.metrics import Metrics
@@ -55,6 +56,7 @@ class Outbound:
     route: str
     credential: str | None
     read_timeout: float  # the longest wait for the next piece of the body
+    sent_body: bool  # a request body went upstream (its upload may still be finishing)
 
     def release(self) -> None:
         self.response.release()
@@ -112,6 +114,7 @@ class Pipeline:
         self.sessions = sessions
         self.credentials = credentials
         self.metrics = metrics
+        self.deadlines = Deadlines()
         self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
 
     def __repr__(self) -> str:
@@ -157,7 +160,7 @@ class Pipeline:
 
         token: AccessToken | None = None
         if key is not None:
-            token = await self._token(key, route)
+            token = self.tokens.get_cached(key) or await self._token(key, route)
         for attempt in range(2):
             resp = await self._send(inbound, resolved, route, token, data, drop)
             if (
@@ -182,6 +185,7 @@ class Pipeline:
                 route=route.name,
                 credential=route.credential,
                 read_timeout=route.total_timeout,
+                sent_body=data is not None,
             )
         raise AssertionError("unreachable: the loop returns on its second pass")
 
@@ -199,7 +203,7 @@ class Pipeline:
     def _timeout(self, route: RouteConfig) -> aiohttp.ClientTimeout:
         t = self._timeouts.get(route.name)
         if t is None:
-            # total bounds the wait for response headers (asyncio.timeout in _send); while the
+            # total bounds the wait for response headers (the deadline in _send); while the
             # body is read, the same value bounds each idle gap (Outbound.read_timeout, applied
             # by the server per read), so a 1 GiB download is not cut off. No sock_read here:
             # aiohttp would re-arm that timer on every packet, and cancel it again, for every
@@ -229,26 +233,28 @@ class Pipeline:
         )
         session = self.sessions.session_for(route.tls)
         server_hostname = route.tls.server_name if route.tls is not None else None
+        ticket = self.deadlines.arm(route.total_timeout)
         try:
-            async with asyncio.timeout(route.total_timeout):
-                return await session.request(
-                    inbound.method,
-                    URL(resolved.url, encoded=True),
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    timeout=self._timeout(route),
-                    server_hostname=server_hostname,
-                )
+            return await session.request(
+                inbound.method,
+                URL(resolved.url, encoded=True),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=self._timeout(route),
+                server_hostname=server_hostname,
+            )
+        except asyncio.CancelledError:
+            if self.deadlines.disarm(ticket):
+                raise UpstreamTimeout(
+                    f"the upstream of route {route.name} did not answer within "
+                    f"{route.total_timeout:g}s",
+                    route=route.name,
+                ) from None
+            raise
         except ProxyError as exc:
             exc.route = route.name
             raise
-        except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"the upstream of route {route.name} did not answer within "
-                f"{route.total_timeout:g}s",
-                route=route.name,
-            ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             if isinstance(data, _LimitedBody) and data.too_large:
                 raise PayloadTooLarge(
@@ -256,3 +262,5 @@ class Pipeline:
                     route=route.name,
                 ) from exc
             raise map_client_error(exc, route.name, route.tls) from exc
+        finally:
+            self.deadlines.disarm(ticket)

@@ -26,7 +26,8 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import HostPort
-from proxy.errors import BadRequest, ProxyAuthRequired, ProxyError, TunnelRefused
+from proxy.deadlines import Deadlines
+from proxy.errors import BadRequest, ProxyAuthRequired, ProxyError, TunnelRefused, UpstreamTimeout
 from proxy.logs import access
 from proxy.pipeline import Inbound, Outbound, Pipeline
 from proxy.routing import (
@@ -36,6 +37,7 @@ from proxy.routing import (
     parse_absolute_target,
     parse_authority,
 )
+from proxy.transport import map_client_error
 from proxy.tunnel import allowed_target, open_tunnel
 
 log = logging.getLogger("authproxy.server")
@@ -123,6 +125,8 @@ class ProxyHandler:
                 if "Expect" in request.headers:
                     inbound = await _answer_expect(request, inbound, resolved.route.max_body)
                 out = await self.pipeline.forward(inbound, resolved)
+                status = out.status
+                return await self._stream(request, out, request_id)
             except ProxyError as exc:
                 resp = error_response(exc, request_id)
                 if request.method == "CONNECT":
@@ -130,8 +134,6 @@ class ProxyHandler:
                 status = resp.status
                 route = exc.route or route
                 return resp
-            status = out.status
-            return await self._stream(request, out, request_id)
         finally:
             self.in_flight -= 1
             elapsed = time.perf_counter() - started
@@ -250,15 +252,17 @@ class ProxyHandler:
         headers["X-Request-ID"] = request_id
         upstream = out.response
         content = upstream.content
+        deadlines = self.pipeline.deadlines
         try:
             length = upstream.content_length
             if length is not None and length <= _SMALL_BODY:
                 # Small bodies: one read and one write, cheaper than a streamed response. Most
-                # came whole with the headers: read them without arming a timer.
+                # came whole with the headers: take them without arming a deadline, and without
+                # read()'s coroutines when no request body upload can still be running.
                 if content.is_eof():
-                    body = await upstream.read()
+                    body = content.read_nowait() if not out.sent_body else await upstream.read()
                 else:
-                    body = b"".join([c async for c in _pieces(content, out.read_timeout)])
+                    body = await _read_small(content, out, deadlines)
                 headers.popall("Content-Length", None)
                 return web.Response(
                     status=out.status, reason=out.reason, body=body, headers=headers
@@ -266,24 +270,46 @@ class ProxyHandler:
             # Without Content-Length aiohttp picks chunked for HTTP/1.1 and close-delimited for 1.0.
             resp = web.StreamResponse(status=out.status, reason=out.reason, headers=headers)
             await resp.prepare(request)
-            async for chunk in _pieces(content, out.read_timeout):
+            async for chunk in _pieces(content, out.read_timeout, deadlines):
                 await resp.write(chunk)
             await resp.write_eof()
             return resp
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # The upstream broke mid-body; headers may be sent already, so close the connection.
+            # The upstream broke mid-body after the headers were sent: close the connection.
             log.warning("upstream body failed on route %s: %s", out.route, type(exc).__name__)
             raise
         finally:
             out.release()
 
 
-async def _pieces(content: StreamReader, idle: float) -> AsyncIterator[bytes]:
+async def _read_small(content: StreamReader, out: Outbound, deadlines: Deadlines) -> bytes:
+    """A small body that did not come with the headers. Nothing is sent to the client yet, so
+    a stall or a broken connection still gets its SPEC error answer."""
+    try:
+        return b"".join([c async for c in _pieces(content, out.read_timeout, deadlines)])
+    except TimeoutError as exc:
+        raise UpstreamTimeout(
+            f"the upstream of route {out.route} sent part of its answer, then nothing for "
+            f"{out.read_timeout:g}s",
+            route=out.route,
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise map_client_error(exc, out.route) from exc
+
+
+async def _pieces(content: StreamReader, idle: float, deadlines: Deadlines) -> AsyncIterator[bytes]:
     """The upstream body as it arrives; a gap of `idle` seconds without a byte ends it with
     TimeoutError (the route's total timeout bounds each gap, not the whole download)."""
     while True:
-        async with asyncio.timeout(idle):
+        ticket = deadlines.arm(idle)
+        try:
             chunk = await content.readany()
+        except asyncio.CancelledError:
+            if deadlines.disarm(ticket):
+                raise TimeoutError(f"no byte of the upstream's body for {idle:g}s") from None
+            raise
+        finally:
+            deadlines.disarm(ticket)
         if not chunk:
             return
         yield chunk

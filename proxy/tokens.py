@@ -124,18 +124,31 @@ class TokenCache:
         else:
             self._subject_tokens.pop(key, None)
 
+    def get_cached(self, key: ChainKey) -> AccessToken | None:
+        """The held token for `key` if still usable (starting its refresh ahead of expiry when
+        due), else None: the hot path, without the cost of a coroutine. `get` does the rest."""
+        token = self._held(key)
+        if token is None:
+            return None
+        now = self._clock()
+        if now >= token.usable_until:
+            return None
+        if now >= token.refresh_at and key not in self._inflight:
+            breaker = self.health[key.credential].breaker
+            if breaker.acquire(now):
+                _ = self._start(key, None, probe=not breaker.closed)
+        self._counters[(key.credential, "hit")].inc()
+        return token
+
     async def get(self, key: ChainKey, *, timeout: float | None = None) -> AccessToken:
         """A usable access token for `key`; raises `TokenUnavailable` or `ReauthRequired`.
 
         Waits at most `timeout` seconds (the route's timeout); the fetch itself goes on."""
+        token = self.get_cached(key)
+        if token is not None:
+            return token
         now = self._clock()
         breaker = self.health[key.credential].breaker
-        token = self._held(key)
-        if token is not None and now < token.usable_until:
-            if now >= token.refresh_at and key not in self._inflight and breaker.acquire(now):
-                _ = self._start(key, None, probe=not breaker.closed)
-            self._counters[(key.credential, "hit")].inc()
-            return token
         task = self._inflight.get(key)
         if task is None:
             if not breaker.acquire(now):

@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     "logs": 2,
     "metrics": 2,
     "tasks": 2,
+    "deadlines": 2,
     "breaker": 2,
     "tlsconfig": 2,
     "clientauth": 2,

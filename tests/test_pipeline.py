@@ -225,6 +225,103 @@ async def test_upstream_unreachable_and_timeout(
     assert status == 504 and headers["X-Authproxy-Error"] == "upstream_timeout"
 
 
+class _DripUpstream:
+    """A loopback HTTP/1.1 upstream that announces `length` bytes, sends them in `pieces`
+    parts `gap` seconds apart, and stalls for good after `stall_after` parts (None: never)."""
+
+    def __init__(self, length: int, pieces: int, gap: float, stall_after: int | None) -> None:
+        self.length, self.pieces, self.gap, self.stall_after = length, pieces, gap, stall_after
+        self.stalled = asyncio.Event()
+        self._release = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release.set()
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            + f"Content-Length: {self.length}\r\n\r\n".encode()
+        )
+        part = self.length // self.pieces
+        for i in range(self.pieces):
+            if i == self.stall_after:
+                self.stalled.set()
+                await self._release.wait()
+                break
+            if i:
+                await asyncio.sleep(self.gap)  # the upstream's pace, not synchronisation
+            writer.write(b"z" * (part if i < self.pieces - 1 else self.length - part * i))
+            await writer.drain()
+        writer.close()
+
+
+@pytest.mark.parametrize("length", [100_000, 1_000_000], ids=["small", "streamed"])
+async def test_a_body_that_stalls_is_cut_after_the_timeout(
+    make_proxy: ProxyFactory,
+    token_server: TokenServer,
+    echo_server: EchoServer,
+    client: aiohttp.ClientSession,
+    length: int,
+) -> None:
+    """A small body (read whole before answering) that stalls gets a JSON 504; a streamed one
+    has sent its headers already, so the client sees the connection end short of the body."""
+    async with _DripUpstream(length, pieces=4, gap=0.0, stall_after=2) as url:
+        raw = proxy_config(token_server, echo_server)
+        raw["routes"] = [
+            {
+                "name": "drip",
+                "match": {"prefix": "/drip"},
+                "upstream": url,
+                "credential": "demo",
+                "timeouts": {"total": "300ms"},
+            }
+        ]
+        rt = await make_proxy(raw)
+        if length < 256 * 1024:
+            status, headers, body = await get_json(client, proxy_url(rt, "/drip/x"))
+            assert status == 504 and headers["X-Authproxy-Error"] == "upstream_timeout"
+            assert body["route"] == "drip" and "nothing for 0.3s" in body["message"]
+        else:
+            async with client.get(proxy_url(rt, "/drip/x")) as resp:
+                assert resp.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+
+
+async def test_a_slow_but_steady_body_is_not_cut_off(
+    make_proxy: ProxyFactory,
+    token_server: TokenServer,
+    echo_server: EchoServer,
+    client: aiohttp.ClientSession,
+) -> None:
+    """The route's total timeout bounds each gap of the body, not the whole download: 8 parts
+    0.1 s apart take longer than the 300 ms timeout and still arrive whole."""
+    async with _DripUpstream(400_000, pieces=8, gap=0.1, stall_after=None) as url:
+        raw = proxy_config(token_server, echo_server)
+        raw["routes"] = [
+            {
+                "name": "drip",
+                "match": {"prefix": "/drip"},
+                "upstream": url,
+                "credential": "demo",
+                "timeouts": {"total": "300ms"},
+            }
+        ]
+        rt = await make_proxy(raw)
+        async with client.get(proxy_url(rt, "/drip/x")) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"z" * 400_000
+
+
 async def test_token_endpoint_down_is_503_with_retry_after(
     proxy: Runtime,
     client: aiohttp.ClientSession,

@@ -1,0 +1,115 @@
+"""Coarse per-request deadlines: a passed deadline cancels the wait and says so, a disarmed one
+never fires, someone else's cancellation is not mistaken for a timeout, and concurrent
+requests share timers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from proxy.deadlines import Deadlines
+
+T = TypeVar("T")
+
+
+def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    return asyncio.get_running_loop().create_task(coro)
+
+
+async def _wait_with_deadline(deadlines: Deadlines, seconds: float, wait: asyncio.Event) -> str:
+    """The pattern the pipeline uses; returns how the wait ended."""
+    ticket = deadlines.arm(seconds)
+    try:
+        await wait.wait()
+        return "done"
+    except asyncio.CancelledError:
+        if deadlines.disarm(ticket):
+            return "timed out"
+        raise
+    finally:
+        deadlines.disarm(ticket)
+
+
+async def test_a_passed_deadline_ends_the_wait_as_a_timeout_not_before_it() -> None:
+    deadlines = Deadlines(resolution=0.02)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    outcome = await spawn(_wait_with_deadline(deadlines, 0.1, asyncio.Event()))
+    assert outcome == "timed out"
+    assert loop.time() - started >= 0.1
+    assert deadlines.ticks() == 0
+
+
+async def test_a_disarmed_deadline_never_cancels_later_work() -> None:
+    deadlines = Deadlines(resolution=0.02)
+    ready = asyncio.Event()
+    ready.set()
+    survivor_done = asyncio.Event()
+
+    async def survivor() -> tuple[str, int]:
+        outcome = await _wait_with_deadline(deadlines, 0.05, ready)  # answered in time
+        await survivor_done.wait()  # still running when its old tick fires
+        task = asyncio.current_task()
+        assert task is not None
+        return outcome, task.cancelling()
+
+    task = spawn(survivor())
+    # A second request armed later with the same budget: once it has timed out, the
+    # survivor's tick (the same or an earlier one) has fired as well.
+    assert await _wait_with_deadline(deadlines, 0.05, asyncio.Event()) == "timed out"
+    survivor_done.set()
+    assert await task == ("done", 0)
+
+
+async def test_someone_elses_cancellation_is_not_reported_as_a_timeout() -> None:
+    deadlines = Deadlines(resolution=0.02)
+    task = spawn(_wait_with_deadline(deadlines, 60.0, asyncio.Event()))
+    await asyncio.sleep(0)  # let it arm and start waiting
+    task.cancel()  # a shutdown, say ...
+    deadlines._fire(next(iter(deadlines._due)))  # ... just as the deadline passes
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+
+
+async def test_a_plain_cancellation_propagates() -> None:
+    deadlines = Deadlines()
+    task = spawn(_wait_with_deadline(deadlines, 60.0, asyncio.Event()))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_concurrent_requests_share_one_timer_per_tick() -> None:
+    deadlines = Deadlines(resolution=0.05)
+    release = asyncio.Event()
+    tasks = [spawn(_wait_with_deadline(deadlines, 30.0, release)) for _ in range(1000)]
+    await asyncio.sleep(0)  # every task arms before any is released
+    # 1,000 requests armed within a few milliseconds fall into one or two 50 ms ticks.
+    assert 1 <= deadlines.ticks() <= 3
+    release.set()
+    assert await asyncio.gather(*tasks) == ["done"] * 1000
+    assert "armed=0" in repr(deadlines)
+
+
+async def test_arming_outside_a_task_is_refused() -> None:
+    deadlines = Deadlines()
+
+    def outside() -> None:
+        deadlines.arm(1.0)
+
+    loop = asyncio.get_running_loop()
+    failure: asyncio.Future[BaseException] = loop.create_future()
+
+    def callback() -> None:
+        try:
+            outside()
+        except RuntimeError as exc:
+            failure.set_result(exc)
+
+    loop.call_soon(callback)
+    assert "running task" in str(await failure)

@@ -9,6 +9,7 @@ The upstream URL always comes from the route; the request only contributes the p
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -23,8 +24,12 @@ _LABEL: Final = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME_RE: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _PORT_RE: Final = re.compile(r"[0-9]{0,5}")
+_AUTHORITY_CACHE: Final = 1024
+"""Hosts and authorities parsed are remembered (forward mode sees the same few on every
+request: the target, the Host header, the route lookup). Failures raise and are not kept."""
 
 
+@functools.lru_cache(maxsize=_AUTHORITY_CACHE)
 def normalize_host(text: str) -> str:
     """The canonical form of a host for matching: lower case, one trailing dot dropped, IPv6
     compressed without brackets, international names in IDNA (punycode) form.
@@ -56,6 +61,7 @@ def format_host(host: str, port: int | None = None) -> str:
     return shown if port is None else f"{shown}:{port}"
 
 
+@functools.lru_cache(maxsize=_AUTHORITY_CACHE)
 def parse_authority(authority: str, default_port: int | None) -> tuple[str, int]:
     """`host[:port]` of a request target -> (canonical host, port). Raises BadRequest.
 

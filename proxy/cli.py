@@ -115,10 +115,8 @@ async def serve(config: Config) -> int:
 
 
 def tune_gc_for_serving() -> None:
-    """Once started: move everything loaded so far (modules, configuration, the metric
-    registry) out of the collector's sight, and collect the young generation rarely."""
-    gc.collect()
-    gc.freeze()
+    """Once started: collect the young generation rarely. (Freezing start-up objects as well
+    measured no better, and would keep cycles that a reload leaves behind forever.)"""
     young, middle, old = gc.get_threshold()
     gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), middle, old)
 

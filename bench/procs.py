@@ -164,3 +164,18 @@ def group_rss_kib(pid: int) -> int:
             with contextlib.suppress(OSError, RuntimeError):
                 total += rss_kib(int(child))
     return total
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User plus system CPU time of every live process in process group `pgid` (a contender
+    and the workers or threads it started), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # fields: state ppid pgrp ... utime(11) stime(12)
+                total += int(fields[11]) + int(fields[12])
+    return total / tick

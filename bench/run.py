@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import nginx, servers, wrk
-from bench.procs import ProcessGroup, StartError, free_port, raise_fd_limit, wait_http, wait_line
+from bench.procs import (
+    ProcessGroup,
+    StartError,
+    free_port,
+    group_cpu_seconds,
+    raise_fd_limit,
+    wait_http,
+    wait_line,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -38,7 +46,9 @@ class Contender:
     base: str = ""  # URL prefix: base + "/small"
     scripts: dict[str, Path] | None = None  # forward mode: the wrk script per body
     skipped: str | None = None
+    pgid: int | None = None  # its process group, for CPU time (None: nothing to count)
     runs: dict[tuple[str, int], list[wrk.WrkResult]] = field(default_factory=dict)
+    cpu_us: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # per request
     failures: dict[tuple[str, int], list[str]] = field(default_factory=dict)
 
     def target(self, body: str) -> tuple[str, Path | None]:
@@ -109,6 +119,7 @@ def start_contenders(
             wait_http(child, f"http://127.0.0.1:{port}/small", 10)
             servers.check_bearer(f"http://127.0.0.1:{port}/whoami", c.name)
             c.base = f"http://127.0.0.1:{port}"
+            c.pgid = child.pid
         except StartError as e:
             c.skipped = str(e)
         out.append(c)
@@ -128,6 +139,7 @@ def start_contenders(
             wait_line(child, 20)
             servers.check_bearer(f"http://127.0.0.1:{port}/whoami", name)
             c.base = f"http://127.0.0.1:{port}"
+            c.pgid = child.pid
         except StartError as e:
             c.skipped = str(e)
         out.append(c)
@@ -159,6 +171,7 @@ def start_contenders(
             )
             base_c.base = f"{ap.base}/bench"
             fwd_c.base = ap.base
+            base_c.pgid = fwd_c.pgid = ap.child.pid
             fwd_c.scripts = {
                 b: wrk.forward_script(work / f"fwd-{b}.lua", "bench.local", f"/{b}")
                 for b in ("small", "large")
@@ -192,6 +205,7 @@ def start_contenders(
                 env=env,
             )
             c.base = f"{ap.base}/bench"
+            c.pgid = ap.child.pid
         except (StartError, OSError) as e:
             c.skipped = str(e)
         out.append(c)
@@ -222,6 +236,7 @@ def measure(
             for c in live[k:] + live[:k]:  # a rotating order, so no contender is always first
                 url, script = c.target(body)
                 done += 1
+                cpu_before = group_cpu_seconds(c.pgid) if c.pgid is not None else 0.0
                 try:
                     res = wrk.run(url, connections=conns, duration=duration, script=script)
                 except wrk.WrkError as e:
@@ -229,6 +244,9 @@ def measure(
                     print(f"  [{done}/{total}] {c.name} {body} c{conns}: FAILED {e}", flush=True)
                     continue
                 c.runs.setdefault((body, conns), []).append(res)
+                if c.pgid is not None and res.requests:
+                    used = group_cpu_seconds(c.pgid) - cpu_before
+                    c.cpu_us.setdefault((body, conns), []).append(used / res.requests * 1e6)
                 print(
                     f"  [{done}/{total}] round {r + 1} {c.name:<18} {body:<5} c{conns:<3} "
                     f"{res.rps:>9.0f} req/s  p50 {res.p50_ms:.2f} ms  p99 {res.p99_ms:.2f} ms"
@@ -257,9 +275,16 @@ def table(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> str:
             return None
         return _median([r.rps for r in c.runs[key]])
 
+    def med_cpu(name: str, key: tuple[str, int]) -> float | None:
+        c = by_name.get(name)
+        if c is None or not c.cpu_us.get(key):
+            return None
+        return _median(c.cpu_us[key])
+
     head = (
         "| body | conns | contender | req/s (median) | min-max | p50 ms | p99 ms | errors "
-        "| vs aiohttp | vs nginx |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| vs aiohttp | vs nginx | CPU us/req (vs aiohttp) |\n"
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows: list[str] = []
     for key in scenarios:
@@ -267,12 +292,12 @@ def table(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> str:
         for c in contenders:
             label = f"| {body} | {conns} | {c.name} "
             if c.skipped is not None:
-                rows.append(label + f"| skipped: {c.skipped} | | | | | | |")
+                rows.append(label + f"| skipped: {c.skipped} | | | | | | | |")
                 continue
             runs = c.runs.get(key, [])
             if not runs:
                 why = "; ".join(c.failures.get(key, ["no run"]))[:200]
-                rows.append(label + f"| failed: {why} | | | | | | |")
+                rows.append(label + f"| failed: {why} | | | | | | | |")
                 continue
             rps = [r.rps for r in runs]
             m = _median(rps)
@@ -283,9 +308,12 @@ def table(contenders: list[Contender], scenarios: list[tuple[str, int]]) -> str:
             p50 = _ms(_median([r.p50_ms for r in runs]))
             p99 = _ms(_median([r.p99_ms for r in runs]))
             err = f"{errors}" + (f" (+{failed} failed runs)" if failed else "")
+            cpu = med_cpu(c.name, key)
+            cpu_floor = med_cpu(f"aiohttp-{c.workers}w", key) or med_cpu("aiohttp-1w", key)
+            cpu_text = f"{cpu:,.0f} ({_ratio(cpu, cpu_floor)})" if cpu is not None else "-"
             rows.append(
                 label + f"| {m:,.0f} | {min(rps):,.0f}-{max(rps):,.0f} | {p50} | {p99} | {err} "
-                f"| {_ratio(m, floor)} | {_ratio(m, ceil)} |"
+                f"| {_ratio(m, floor)} | {_ratio(m, ceil)} | {cpu_text} |"
             )
     return head + "\n".join(rows) + "\n"
 
@@ -323,7 +351,11 @@ def report(
         f"Bodies: `small` is {small} bytes of JSON, `large` is 64 KiB. `vs aiohttp` is the "
         "ratio of median req/s to the bare forwarder with the same number of workers (1 for "
         "direct and nginx); `vs nginx` to the nginx proxy. Latencies are wrk's, medians over "
-        "rounds; errors are non-2xx responses plus socket errors, summed over rounds.",
+        "rounds; errors are non-2xx responses plus socket errors, summed over rounds. `CPU "
+        "us/req` is the user plus system CPU time of the contender's processes (all workers "
+        "and threads) during its runs divided by the requests served, median over rounds, "
+        "with its ratio to the bare forwarder's at equal workers: the work each request costs, "
+        "less coupled to how the shared CPUs were divided than req/s.",
         "",
         table(contenders, scenarios),
     ]

@@ -2,7 +2,8 @@
 
 `asyncio.timeout` gives every request its own timer handle in the event loop's heap (ordered
 by a Python-level `__lt__`) and cancels it again when the answer came in time, which is nearly
-always: ~3% of the request path under load. Here deadlines are rounded up to the next
+always: 6.0 us against 2.7 us here, with 128 requests in flight (1-2% of the request path).
+Here deadlines are rounded up to the next
 `resolution` tick and every request due in the same tick shares one timer; arming and disarming
 are a dict lookup and a set add or discard. A request may run up to `resolution` seconds over
 its deadline, never under it.

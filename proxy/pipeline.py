@@ -116,6 +116,7 @@ class Pipeline:
         self.metrics = metrics
         self.deadlines = Deadlines()
         self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
+        self._credential_keys: dict[str, ChainKey] = {}  # the subject-less keys, made once
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.router!r} {self.tokens!r}>"
@@ -132,7 +133,6 @@ class Pipeline:
         key: ChainKey | None = None
         drop: frozenset[str] = frozenset()
         if cred is not None:
-            subject = None
             if cred.subject_header:
                 subject = inbound.headers.get(cred.subject_header)
                 if subject is None or not _SUBJECT_RE.match(subject):
@@ -142,7 +142,11 @@ class Pipeline:
                         route=route.name,
                     )
                 drop = frozenset({cred.subject_header.lower()})
-            key = ChainKey(cred.name, subject)
+                key = ChainKey(cred.name, subject)
+            else:
+                key = self._credential_keys.get(cred.name)
+                if key is None:
+                    key = self._credential_keys[cred.name] = ChainKey(cred.name)
 
         length = inbound.content_length
         if length is not None and length > route.max_body:

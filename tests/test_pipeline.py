@@ -264,6 +264,21 @@ class _DripUpstream:
         writer.close()
 
 
+def _drip_config(token_server: TokenServer, echo_server: EchoServer, url: str) -> dict[str, Any]:
+    """One route to a `_DripUpstream`, with a 300 ms timeout."""
+    raw = proxy_config(token_server, echo_server)
+    raw["routes"] = [
+        {
+            "name": "drip",
+            "match": {"prefix": "/drip"},
+            "upstream": url,
+            "credential": "demo",
+            "timeouts": {"total": "300ms"},
+        }
+    ]
+    return raw
+
+
 @pytest.mark.parametrize("length", [100_000, 1_000_000], ids=["small", "streamed"])
 async def test_a_body_that_stalls_is_cut_after_the_timeout(
     make_proxy: ProxyFactory,
@@ -275,17 +290,7 @@ async def test_a_body_that_stalls_is_cut_after_the_timeout(
     """A small body (read whole before answering) that stalls gets a JSON 504; a streamed one
     has sent its headers already, so the client sees the connection end short of the body."""
     async with _DripUpstream(length, pieces=4, gap=0.0, stall_after=2) as url:
-        raw = proxy_config(token_server, echo_server)
-        raw["routes"] = [
-            {
-                "name": "drip",
-                "match": {"prefix": "/drip"},
-                "upstream": url,
-                "credential": "demo",
-                "timeouts": {"total": "300ms"},
-            }
-        ]
-        rt = await make_proxy(raw)
+        rt = await make_proxy(_drip_config(token_server, echo_server, url))
         if length < 256 * 1024:
             status, headers, body = await get_json(client, proxy_url(rt, "/drip/x"))
             assert status == 504 and headers["X-Authproxy-Error"] == "upstream_timeout"
@@ -306,17 +311,7 @@ async def test_a_slow_but_steady_body_is_not_cut_off(
     """The route's total timeout bounds each gap of the body, not the whole download: 8 parts
     0.1 s apart take longer than the 300 ms timeout and still arrive whole."""
     async with _DripUpstream(400_000, pieces=8, gap=0.1, stall_after=None) as url:
-        raw = proxy_config(token_server, echo_server)
-        raw["routes"] = [
-            {
-                "name": "drip",
-                "match": {"prefix": "/drip"},
-                "upstream": url,
-                "credential": "demo",
-                "timeouts": {"total": "300ms"},
-            }
-        ]
-        rt = await make_proxy(raw)
+        rt = await make_proxy(_drip_config(token_server, echo_server, url))
         async with client.get(proxy_url(rt, "/drip/x")) as resp:
             assert resp.status == 200
             assert await resp.read() == b"z" * 400_000

@@ -24,6 +24,7 @@ _LABEL: Final = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME_RE: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _PORT_RE: Final = re.compile(r"[0-9]{0,5}")
+_AUTHORITY_END: Final = re.compile(r"[/?#]")
 _AUTHORITY_CACHE: Final = 1024
 """Hosts and authorities parsed are remembered (forward mode sees the same few on every
 request: the target, the Host header, the route lookup). Failures raise and are not kept."""
@@ -106,36 +107,37 @@ class AbsoluteTarget:
     port: int
     raw_path: str  # percent-encoded, starts with "/"
     query: str  # percent-encoded, without "?"
+    authority: str  # `host[:port]` exactly as sent
 
 
 def is_absolute_form(raw_target: str) -> bool:
     scheme, sep, _ = raw_target.partition("://")
-    return bool(sep) and _SCHEME_RE.fullmatch(scheme) is not None
+    return bool(sep) and (scheme == "http" or _SCHEME_RE.fullmatch(scheme) is not None)
 
 
 def parse_absolute_target(raw_target: str) -> AbsoluteTarget:
     """Split an absolute-form target without decoding anything; raises BadRequest."""
     scheme, sep, rest = raw_target.partition("://")
-    if not sep or not _SCHEME_RE.fullmatch(scheme):
+    if scheme != "http":  # the usual spelling skips the checks below
+        if not sep or not _SCHEME_RE.fullmatch(scheme):
+            raise BadRequest("the request target is not an absolute URL")
+        scheme = scheme.lower()
+        if scheme != "http":
+            raise BadRequest(
+                f"forward mode takes http:// URLs, not {scheme}://; call http://host/... "
+                "through the proxy and authproxy speaks TLS to the upstream itself"
+            )
+    elif not sep:
         raise BadRequest("the request target is not an absolute URL")
-    scheme = scheme.lower()
-    if scheme != "http":
-        raise BadRequest(
-            f"forward mode takes http:// URLs, not {scheme}://; call http://host/... through "
-            "the proxy and authproxy speaks TLS to the upstream itself"
-        )
-    end = len(rest)
-    for ch in "/?#":
-        i = rest.find(ch)
-        if 0 <= i < end:
-            end = i
-    authority, tail = rest[:end], rest[end:]
+    end = _AUTHORITY_END.search(rest)
+    authority, tail = (rest[: end.start()], rest[end.start() :]) if end else (rest, "")
     if not authority:
         raise BadRequest("the request target has no host")
     host, port = parse_authority(authority, 80)
-    tail = tail.split("#", 1)[0]
+    if "#" in tail:
+        tail = tail.split("#", 1)[0]
     path, _, query = tail.partition("?")
-    return AbsoluteTarget(scheme, host, port, path or "/", query)
+    return AbsoluteTarget(scheme, host, port, path or "/", query, authority)
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:

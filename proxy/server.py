@@ -31,6 +31,7 @@ from proxy.errors import BadRequest, ProxyAuthRequired, ProxyError, TunnelRefuse
 from proxy.logs import access
 from proxy.pipeline import Inbound, Outbound, Pipeline
 from proxy.routing import (
+    AbsoluteTarget,
     format_host,
     is_absolute_form,
     normalize_host,
@@ -171,22 +172,22 @@ class ProxyHandler:
         raw_target = request._message.path  # the request-target exactly as sent
         host: str | None = None
         port: int | None = None
-        if is_absolute_form(raw_target):
+        if raw_target.startswith("/"):
+            url = request._message.url
+            raw_path, query = url.raw_path or "/", url.raw_query_string
+        elif is_absolute_form(raw_target):
             # Forward mode (HTTP_PROXY): the target names the host; parsed strictly by hand
             # rather than through yarl, which would accept userinfo and keep %-escapes.
             target = parse_absolute_target(raw_target)
             raw_path, query = target.raw_path, target.query
             if self.pipeline.router.has_host(target.host, target.port):
-                _check_host_header(request, target.host, target.port)
+                _check_host_header(request, target)
                 host, port = target.host, target.port
             elif _addressed_to_us(request, target.host, target.port):
-                _check_host_header(request, target.host, target.port)
+                _check_host_header(request, target)
                 # http://<the proxy itself>/prefix/...: a base-URL request sent as to a proxy
             else:
                 host, port = target.host, target.port  # no route: the router says no_route
-        elif raw_target.startswith("/"):
-            url = request._message.url
-            raw_path, query = url.raw_path or "/", url.raw_query_string
         else:
             raise BadRequest(
                 "the request target must be an absolute path (base-URL mode) or an absolute "
@@ -323,7 +324,7 @@ def _end_connect(request: web.BaseRequest, resp: web.StreamResponse) -> None:
     request.content.feed_eof()
 
 
-def _check_host_header(request: web.BaseRequest, host: str, port: int) -> None:
+def _check_host_header(request: web.BaseRequest, target: AbsoluteTarget) -> None:
     """An absolute-form target and a `Host` header that name different authorities are refused
     (RFC 9112 lets a proxy ignore Host; refusing leaves nothing for a confused hop to misuse)."""
     values = request.headers.getall("Host", ())
@@ -331,6 +332,9 @@ def _check_host_header(request: web.BaseRequest, host: str, port: int) -> None:
         return
     if len(values) > 1:
         raise BadRequest("more than one Host header")
+    if values[0] == target.authority:  # the usual case: the same text, so the same authority
+        return
+    host, port = target.host, target.port
     try:
         h_host, h_port = parse_authority(values[0], 80)
     except BadRequest as exc:

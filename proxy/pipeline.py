@@ -5,7 +5,6 @@ replay on 401). It knows nothing of the web server: `server.py` turns web reques
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -237,28 +236,26 @@ class Pipeline:
         )
         session = self.sessions.session_for(route.tls)
         server_hostname = route.tls.server_name if route.tls is not None else None
-        ticket = self.deadlines.arm(route.total_timeout)
         try:
-            return await session.request(
-                inbound.method,
-                URL(resolved.url, encoded=True),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=self._timeout(route),
-                server_hostname=server_hostname,
-            )
-        except asyncio.CancelledError:
-            if self.deadlines.disarm(ticket):
-                raise UpstreamTimeout(
-                    f"the upstream of route {route.name} did not answer within "
-                    f"{route.total_timeout:g}s",
-                    route=route.name,
-                ) from None
-            raise
+            with self.deadlines.within(route.total_timeout):
+                return await session.request(
+                    inbound.method,
+                    URL(resolved.url, encoded=True),
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=self._timeout(route),
+                    server_hostname=server_hostname,
+                )
         except ProxyError as exc:
             exc.route = route.name
             raise
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"the upstream of route {route.name} did not answer within "
+                f"{route.total_timeout:g}s",
+                route=route.name,
+            ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             if isinstance(data, _LimitedBody) and data.too_large:
                 raise PayloadTooLarge(
@@ -266,5 +263,3 @@ class Pipeline:
                     route=route.name,
                 ) from exc
             raise map_client_error(exc, route.name, route.tls) from exc
-        finally:
-            self.deadlines.disarm(ticket)

@@ -8,7 +8,6 @@ refused (`tunnel_refused`) unless the target is on `tunnel_allow` (see `proxy.tu
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hmac
@@ -302,15 +301,8 @@ async def _pieces(content: StreamReader, idle: float, deadlines: Deadlines) -> A
     """The upstream body as it arrives; a gap of `idle` seconds without a byte ends it with
     TimeoutError (the route's total timeout bounds each gap, not the whole download)."""
     while True:
-        ticket = deadlines.arm(idle)
-        try:
+        with deadlines.within(idle):
             chunk = await content.readany()
-        except asyncio.CancelledError:
-            if deadlines.disarm(ticket):
-                raise TimeoutError(f"no byte of the upstream's body for {idle:g}s") from None
-            raise
-        finally:
-            deadlines.disarm(ticket)
         if not chunk:
             return
         yield chunk

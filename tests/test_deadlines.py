@@ -21,16 +21,12 @@ def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
 
 async def _wait_with_deadline(deadlines: Deadlines, seconds: float, wait: asyncio.Event) -> str:
     """The pattern the pipeline uses; returns how the wait ended."""
-    ticket = deadlines.arm(seconds)
     try:
-        await wait.wait()
+        with deadlines.within(seconds):
+            await wait.wait()
         return "done"
-    except asyncio.CancelledError:
-        if deadlines.disarm(ticket):
-            return "timed out"
-        raise
-    finally:
-        deadlines.disarm(ticket)
+    except TimeoutError:
+        return "timed out"
 
 
 async def test_a_passed_deadline_ends_the_wait_as_a_timeout_not_before_it() -> None:
@@ -100,7 +96,7 @@ async def test_arming_outside_a_task_is_refused() -> None:
     deadlines = Deadlines()
 
     def outside() -> None:
-        deadlines.arm(1.0)
+        deadlines.within(1.0)
 
     loop = asyncio.get_running_loop()
     failure: asyncio.Future[BaseException] = loop.create_future()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import signal
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from proxy.cli import GC_YOUNG_THRESHOLD, tune_gc_for_serving
 from proxy.demo import TokenServer
 from tests.conftest import CLIENT_SECRET
 from tests.proxyproc import run_cli
@@ -165,11 +168,6 @@ class _Node:
 def test_serving_collects_rarely_but_still_frees_cycles() -> None:
     """`authproxy run` raises the young-generation threshold; reference cycles are still
     collected once that many objects pile up."""
-    import gc
-    import weakref
-
-    from proxy.cli import GC_YOUNG_THRESHOLD, tune_gc_for_serving
-
     before = gc.get_threshold()
     collections: list[int] = []
 

@@ -33,7 +33,7 @@ from proxy.errors import (
     TokenEndpointError,
     TokenUnavailable,
 )
-from proxy.logs import event
+from proxy.logs import event, scrubber
 from proxy.metrics import Metrics
 from proxy.models import AccessToken, ChainKey, ChainRecord, CredentialState, HistoryEvent, Secret
 from proxy.oauth import TokenEndpoint
@@ -359,9 +359,35 @@ class RefreshChainSource:
 
     async def seed(self, key: ChainKey, refresh_token: Secret) -> ChainRecord:
         """Store the first refresh token of a chain (or replace a dead one)."""
-        rec = await self.store.seed(key, refresh_token)
-        await self._history(key, "seed", "success", refresh_token, None)
-        return rec
+        return await seed_chain(self.store, key, refresh_token, at=self._clock())
+
+
+async def seed_chain(
+    store: ChainStore, key: ChainKey, refresh_token: Secret, *, at: float, detail: str | None = None
+) -> ChainRecord:
+    """Store the first refresh token of a chain (or replace a dead one) and note it in the
+    chain's history: the admin API and `authproxy seed` both come here."""
+    scrubber().add_token(refresh_token.reveal())  # known to the log scrubber from now on
+    rec = await store.seed(key, refresh_token)
+    ev = HistoryEvent(
+        at=at,
+        event="seed",
+        outcome="success",
+        pid=os.getpid(),
+        token_fingerprint=refresh_token.fingerprint(),
+        detail=detail,
+    )
+    try:
+        await store.add_history(key, ev)
+    except StoreError as exc:
+        event(
+            log,
+            logging.WARNING,
+            "store",
+            f"could not write chain history: {exc}",
+            credential=key.credential,
+        )
+    return rec
 
 
 def _check_state(rec: ChainRecord) -> None:

@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -177,25 +178,14 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 async def _seed(config: Config, credential: str, subject: str | None, token: str) -> None:
-    from proxy.models import ChainKey, HistoryEvent, Secret
+    from proxy.chains import seed_chain
+    from proxy.models import ChainKey, Secret
     from proxy.stores import open_store
 
     store = open_store(config.store)
     try:
-        secret = Secret(token)
         key = ChainKey(credential, subject)
-        await store.seed(key, secret)
-        await store.add_history(
-            key,
-            HistoryEvent(
-                at=__import__("time").time(),
-                event="seed",
-                outcome="success",
-                pid=os.getpid(),
-                token_fingerprint=secret.fingerprint(),
-                detail="authproxy seed",
-            ),
-        )
+        await seed_chain(store, key, Secret(token), at=time.time(), detail="authproxy seed")
     finally:
         await store.aclose()
 

@@ -64,6 +64,9 @@ class FaultKind(enum.StrEnum):
     NOT_JSON = "not_json"  # 200 application/json that does not parse
     NO_ACCESS_TOKEN = "no_access_token"
     ERROR_200 = "error_200"  # 200 {"error": <error>} (GitHub style)
+    # 400 {"error": <error>, "error_description": the secrets the call carried, raw and
+    # percent-encoded}: a provider that quotes what it refused.
+    ECHO_SECRETS = "echo_secrets"
     TOKEN_TYPE_NOT_BEARER = "token_type_not_bearer"
     EXPIRES_IN_STRING = "expires_in_string"  # real grant, "expires_in": "60"
     EXPIRES_IN_NEGATIVE = "expires_in_negative"  # real grant, "expires_in": -60
@@ -420,7 +423,7 @@ class TokenServer(LoopbackServer):
             return self._json({"error": "temporarily_unavailable"}, 503)
         kind = fault.kind if fault else None
         if fault is not None and not fault.kind.commits:
-            early = await self._early_fault(request, fault)
+            early = await self._early_fault(request, form, fault)
             if early is not None or kind is FaultKind.DROP:
                 return early
         if fault is not None and kind is FaultKind.SLOW:
@@ -449,7 +452,9 @@ class TokenServer(LoopbackServer):
             _LYING_FIELDS[kind](body)
         return self._json(body)
 
-    async def _early_fault(self, request: web.Request, fault: Fault) -> web.StreamResponse | None:
+    async def _early_fault(
+        self, request: web.Request, form: Mapping[str, Any], fault: Fault
+    ) -> web.StreamResponse | None:
         retry = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
         match fault.kind:
             case FaultKind.HTTP_500:
@@ -478,6 +483,12 @@ class TokenServer(LoopbackServer):
                 return self._json({"token_type": "Bearer", "expires_in": 60})
             case FaultKind.ERROR_200:
                 return self._json({"error": fault.error})
+            case FaultKind.ECHO_SECRETS:
+                quoted = [f"{k}={v}" for k, v in form.items() if k in SENSITIVE_PARAMS]
+                quoted.append(f"Authorization: {request.headers.get('Authorization', '')}")
+                raw = await request.text()  # the form body as sent, percent-encoding and all
+                text = f"refused {'; '.join(quoted)}; body {raw}"
+                return self._json({"error": fault.error, "error_description": text}, 400)
             case _:
                 raise AssertionError(f"{fault.kind} commits; not an early fault")
 

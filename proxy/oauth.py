@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, cast
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 from aiohttp_retry import RetryClient, RetryOptionsBase
@@ -37,7 +38,7 @@ from proxy.errors import (
     TokenTimeout,
     TransientTokenError,
 )
-from proxy.logs import event, scrubber
+from proxy.logs import REDACTED, event, scrubber
 from proxy.metrics import Metrics
 from proxy.models import AccessToken, Secret
 
@@ -48,6 +49,10 @@ CLOCK_SKEW_WARN_SECONDS: Final = 30.0
 MAX_RETRY_AFTER: Final = 60.0
 RETRY_ATTEMPTS: Final = 4  # HTTP calls per fetch at most, while the breaker is closed
 _TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]+")  # what can travel in an Authorization header
+# Form fields whose values are credentials (RFC 6749 6, RFC 7523 2.2, client_secret_post).
+_SECRET_FIELDS: Final = ("refresh_token", "client_secret", "client_assertion")
+MAX_ERROR_CODE: Final = 64
+MAX_ERROR_DESCRIPTION: Final = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +186,9 @@ class TokenEndpoint:
     async def refresh(
         self, refresh_token: Secret, *, budget: float | None = None, retry: bool = True
     ) -> TokenResponse:
-        form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
+        value = refresh_token.reveal()
+        scrubber().add_token(value)  # a seeded or stored token is known from its first use
+        form = {"grant_type": "refresh_token", "refresh_token": value}
         return await self.request(form, budget=budget, retry=retry)
 
     def _secrets(self) -> list[Secret | None]:
@@ -288,7 +295,7 @@ class TokenEndpoint:
                     timeout=aiohttp.ClientTimeout(total=budget, sock_connect=min(budget, 5.0)),
                 ) as resp:
                     body = await _read_bounded(resp.content, MAX_BODY + 1)
-                    result = self._parse(resp, body, sent_at)
+                    result = self._parse(resp, body, sent_at, _sent_secrets(parts, secret))
             return result
         except TokenEndpointError as exc:
             outcome = exc.outcome
@@ -321,8 +328,15 @@ class TokenEndpoint:
                 duration_ms=round(elapsed * 1000, 1),
             )
 
-    def _parse(self, resp: aiohttp.ClientResponse, body: bytes, sent_at: float) -> TokenResponse:
-        """Classify and validate one answer (RFC 6749 5.1 and 5.2)."""
+    def _parse(
+        self,
+        resp: aiohttp.ClientResponse,
+        body: bytes,
+        sent_at: float,
+        sent: tuple[str, ...] = (),
+    ) -> TokenResponse:
+        """Classify and validate one answer (RFC 6749 5.1 and 5.2). `sent`: the secrets the
+        request carried, which the provider's error text may echo."""
         received = self._clock()
         status = resp.status
         data: Any = None
@@ -332,12 +346,16 @@ class TokenEndpoint:
             data = None
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, str) and error:
+            raw_desc = data.get("error_description")
+            # The provider's text travels on into the chain's last_error, the admin listing,
+            # `authproxy status`, 503 messages and logs: nothing we sent may ride along.
             desc = (
-                data.get("error_description")
-                if isinstance(data.get("error_description"), str)
+                _provider_text(raw_desc, sent, MAX_ERROR_DESCRIPTION)
+                if isinstance(raw_desc, str) and raw_desc
                 else None
             )
             cls = PERMANENT_OAUTH_ERRORS.get(error)
+            error = _provider_text(error, sent, MAX_ERROR_CODE)
             if cls is not None:
                 raise cls(error, desc, status=status)
             if (
@@ -495,6 +513,29 @@ class TokenEndpoint:
                 offset_seconds=round(offset, 1),
             )
         return offset
+
+
+def _sent_secrets(parts: TokenRequestParts, secret: Secret | None) -> tuple[str, ...]:
+    """The credentials one token request carried: form fields, the client secret, the
+    `Authorization` header's credentials (client_secret_basic)."""
+    values = [parts.form.get(name) for name in _SECRET_FIELDS]
+    values.append(secret.reveal() if secret is not None else None)
+    auth = parts.headers.get("Authorization")
+    if auth:
+        values.append(auth.partition(" ")[2])
+    # Longest first: a value that holds another is replaced whole.
+    return tuple(sorted((v for v in values if v), key=len, reverse=True))
+
+
+def _provider_text(text: str, sent: tuple[str, ...], limit: int) -> str:
+    """Text a provider wrote (`error`, `error_description`) as we may repeat it: without the
+    secrets this request sent (some providers echo the refresh token they refuse), in any
+    encoding a form body gave them, without any other secret the process knows, and bounded."""
+    for value in sent:
+        for form in {value, quote(value, safe=""), quote_plus(value)}:
+            text = text.replace(form, REDACTED)
+    text = scrubber().scrub(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _jwt_exp(token: str) -> float | None:

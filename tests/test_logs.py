@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from tests.redis_fixture import free_port
 
 ADMIN_TOKEN = "adm-7Hq2-planted-admin-token"
 PROXY_PASSWORD = "pxy-pw-4c1d-planted"
+ODD_SECRET = "odd+secret/with=&chars 7"  # changed by both percent-encodings
 
 
 # -- units ------------------------------------------------------------------------------
@@ -439,6 +441,111 @@ async def test_no_secret_reaches_any_log_line(
     assert "ftp://127.0.0.1/x?refresh_token=[REDACTED]&s=[REDACTED]" in library[0]["exception"]
     for ln in lines:
         assert {"ts", "level", "event"} <= set(ln)
+
+
+async def test_a_provider_quoting_our_secrets_reaches_no_answer_listing_status_or_log(
+    make_proxy: ProxyFactory,
+    token_server: TokenServer,
+    echo_server: EchoServer,
+    log_capture: LogCapture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its refusal text is kept (it explains the failure), but the refresh token and client
+    secret it quotes reach neither the clients' 503s, nor /admin/credentials, nor
+    `authproxy status` (which reads the chain's last_error from the store), nor a log line."""
+    monkeypatch.setenv("ODD_SECRET", ODD_SECRET)
+    raw = proxy_config(
+        token_server, echo_server, store={"kind": "sqlite", "path": str(tmp_path / "chains.db")}
+    )
+    common = {"token_url": str(token_server.token_url), "client_id": "demo-client"}
+    raw["credentials"]["post"] = {
+        **common,
+        "grant": "client_credentials",
+        "client_secret": {"env": "ODD_SECRET"},
+        "auth_method": "client_secret_post",
+        "timeout": "2s",
+    }
+    raw["credentials"]["chain"] = {
+        **common,
+        "grant": "refresh_token",
+        "client_secret": {"env": "TEST_CLIENT_SECRET"},  # client_secret_basic
+    }
+    raw["routes"] += [
+        {
+            "name": n,
+            "match": {"prefix": f"/{n}"},
+            "upstream": f"{echo_server.url}/api",
+            "credential": n,
+        }
+        for n in ("post", "chain")
+    ]
+    rt = await make_proxy(raw)
+    seed = token_server.seed_refresh_token()
+    async with aiohttp.ClientSession(trust_env=False) as http:
+        async with http.put(
+            admin_url(rt, "/admin/credentials/chain/refresh-token"), json={"refresh_token": seed}
+        ) as r:
+            assert r.status == 204
+        token_server.fail_next(None, FaultKind.ECHO_SECRETS, error="server_error")
+        async with http.get(proxy_url(rt, "/post/x")) as r:
+            assert r.status == 503
+            unavailable = await r.json()
+        token_server.clear_faults()
+        token_server.fail_next(None, FaultKind.ECHO_SECRETS, error="server_error")
+        async with http.get(proxy_url(rt, "/chain/x")) as r:
+            assert r.status == 503
+            chain_unavailable = await r.json()
+        token_server.clear_faults()
+        async with http.get(admin_url(rt, "/admin/credentials")) as r:
+            listing = await r.text()
+    config = str(tmp_path / "authproxy-0.yaml")  # what make_proxy wrote and serves
+    _, status_text = await _cli("status", "-c", config)
+    _, status_json = await _cli("status", "-c", config, "--json")
+
+    assert token_server.faults_served[FaultKind.ECHO_SECRETS] >= 2
+    assert unavailable["error"] == "token_unavailable"
+    assert chain_unavailable["error"] == "token_unavailable"
+    # The provider's words got through, with ours taken out.
+    for shown in (
+        unavailable["message"],
+        chain_unavailable["message"],
+        listing,
+        status_text,
+        status_json,
+    ):
+        assert "refused" in shown and REDACTED in shown
+    basic = base64.b64encode(f"demo-client:{CLIENT_SECRET}".encode()).decode()
+    secrets = [
+        seed,
+        CLIENT_SECRET,
+        basic,
+        *(ODD_SECRET, quote(ODD_SECRET, safe=""), quote_plus(ODD_SECRET)),
+        *token_server.issued_tokens(),
+    ]
+    shown_anywhere = {
+        "the 503 answers": json.dumps([unavailable, chain_unavailable]),
+        "/admin/credentials": listing,
+        "authproxy status": status_text + status_json,
+        "the log": log_capture.text(),
+    }
+    for where, text in shown_anywhere.items():
+        for secret in secrets:
+            assert secret not in text, f"a secret ({secret[:4]}...) reached {where}"
+
+
+async def _cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
 
 
 def _basic(user: str, password: str) -> str:

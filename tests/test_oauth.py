@@ -5,9 +5,11 @@ every malformed answer classified without a crash, expiry sanity, JWT exp and cl
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 import pytest
@@ -26,7 +28,9 @@ from proxy.errors import (
     TransientTokenError,
     UnauthorizedClient,
 )
+from proxy.logs import REDACTED
 from proxy.metrics import Metrics
+from proxy.models import Secret
 from proxy.oauth import TokenEndpoint, parse_retry_after
 from tests.conftest import CLIENT_SECRET, LogCapture, proxy_config
 
@@ -306,6 +310,56 @@ async def test_jwt_exp_wins_when_earlier_after_clock_correction(
     token = (await endpoint(token_server, session, metrics).client_credentials()).access_token
     after = time.time()
     assert before + 298 <= token.expires_at <= after + 302
+
+
+ODD_SECRET = "s3cr+t/odd=&chars y"  # changed by both percent-encodings
+ODD_REFRESH_TOKEN = "rt+odd/token=value&more"
+
+
+@pytest.mark.parametrize("auth_method", ["client_secret_basic", "client_secret_post"])
+@pytest.mark.parametrize("error", ["invalid_grant", "server_error", "invalid_request"])
+async def test_an_error_text_that_quotes_our_secrets_keeps_none_of_them(
+    token_server: TokenServer,
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+    monkeypatch: pytest.MonkeyPatch,
+    auth_method: str,
+    error: str,
+) -> None:
+    """Some providers quote the refresh token or client secret they refuse in
+    error_description; that text goes on into last_error, /admin, `status` and 503 answers."""
+    monkeypatch.setenv("ODD_SECRET", ODD_SECRET)
+    ep = endpoint(
+        token_server,
+        session,
+        metrics,
+        auth_method=auth_method,
+        client_secret={"env": "ODD_SECRET"},
+    )
+    token_server.fail_next(None, FaultKind.ECHO_SECRETS, error=error)
+    with pytest.raises(TokenEndpointError) as info:
+        await ep.refresh(Secret(ODD_REFRESH_TOKEN), budget=5.0, retry=False)
+    assert token_server.faults_served[FaultKind.ECHO_SECRETS] == 1
+    exc = info.value
+    assert exc.error == error
+    # The provider's words stay (they explain the refusal); what it quoted of ours does not.
+    assert exc.description is not None and exc.description.startswith("refused ")
+    assert REDACTED in exc.description
+    basic = f"{quote('demo-client', safe='')}:{quote(ODD_SECRET, safe='')}"
+    for value in (ODD_SECRET, ODD_REFRESH_TOKEN, base64.b64encode(basic.encode()).decode()):
+        for form in (value, quote(value, safe=""), quote_plus(value)):
+            assert form not in str(exc), f"{form[:4]}... quoted back in the error text"
+
+
+async def test_a_long_error_text_is_cut(
+    token_server: TokenServer, session: aiohttp.ClientSession, metrics: Metrics
+) -> None:
+    token_server.fail_next(1, FaultKind.ECHO_SECRETS, error="x" * 500)
+    ep = endpoint(token_server, session, metrics, scopes=["s" * 500])  # echoed in the body
+    with pytest.raises(TokenEndpointError) as info:
+        await ep.client_credentials(budget=5.0)
+    assert len(info.value.error) == 64 and info.value.error.endswith("...")
+    assert info.value.description is not None and len(info.value.description) == 300
 
 
 def test_retry_after_parsing() -> None:

@@ -5,6 +5,7 @@ requests share timers."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -19,10 +20,18 @@ def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     return asyncio.get_running_loop().create_task(coro)
 
 
-async def _wait_with_deadline(deadlines: Deadlines, seconds: float, wait: asyncio.Event) -> str:
-    """The pattern the pipeline uses; returns how the wait ended."""
+async def _wait_with_deadline(
+    deadlines: Deadlines,
+    seconds: float,
+    wait: asyncio.Event,
+    armed: asyncio.Event | None = None,
+) -> str:
+    """The pattern the pipeline uses; returns how the wait ended. `armed` is set once the
+    deadline is armed and the wait is about to start."""
     try:
         with deadlines.within(seconds):
+            if armed is not None:
+                armed.set()
             await wait.wait()
         return "done"
     except TimeoutError:
@@ -62,8 +71,9 @@ async def test_a_disarmed_deadline_never_cancels_later_work() -> None:
 
 async def test_someone_elses_cancellation_is_not_reported_as_a_timeout() -> None:
     deadlines = Deadlines(resolution=0.02)
-    task = spawn(_wait_with_deadline(deadlines, 60.0, asyncio.Event()))
-    await asyncio.sleep(0)  # let it arm and start waiting
+    armed = asyncio.Event()
+    task = spawn(_wait_with_deadline(deadlines, 60.0, asyncio.Event(), armed))
+    await armed.wait()
     task.cancel()  # a shutdown, say ...
     deadlines._fire(next(iter(deadlines._due)))  # ... just as the deadline passes
     with pytest.raises(asyncio.CancelledError):
@@ -73,20 +83,29 @@ async def test_someone_elses_cancellation_is_not_reported_as_a_timeout() -> None
 
 async def test_a_plain_cancellation_propagates() -> None:
     deadlines = Deadlines()
-    task = spawn(_wait_with_deadline(deadlines, 60.0, asyncio.Event()))
-    await asyncio.sleep(0)
+    armed = asyncio.Event()
+    task = spawn(_wait_with_deadline(deadlines, 60.0, asyncio.Event(), armed))
+    await armed.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
 
 
 async def test_concurrent_requests_share_one_timer_per_tick() -> None:
-    deadlines = Deadlines(resolution=0.05)
+    resolution = 0.05
+    deadlines = Deadlines(resolution=resolution)
     release = asyncio.Event()
-    tasks = [spawn(_wait_with_deadline(deadlines, 30.0, release)) for _ in range(1000)]
-    await asyncio.sleep(0)  # every task arms before any is released
-    # 1,000 requests armed within a few milliseconds fall into one or two 50 ms ticks.
-    assert 1 <= deadlines.ticks() <= 3
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    armed = [asyncio.Event() for _ in range(1000)]
+    tasks = [spawn(_wait_with_deadline(deadlines, 30.0, release, a)) for a in armed]
+    for a in armed:
+        await a.wait()
+    spread = loop.time() - started
+    # Deadlines armed over `spread` seconds fall into the ticks that span covers (usually a
+    # few milliseconds: one or two 50 ms ticks), not one timer per request.
+    assert 1 <= deadlines.ticks() <= math.ceil(spread / resolution) + 1
+    assert deadlines.ticks() < len(tasks)
     release.set()
     assert await asyncio.gather(*tasks) == ["done"] * 1000
     assert "armed=0" in repr(deadlines)

@@ -62,6 +62,22 @@ def parse_duration(value: object) -> float:
     raise ValueError(f"expected a duration such as 500ms, 30s or 5m, got {value!r}")
 
 
+def parse_timeout(value: object) -> float:
+    """A duration that bounds a wait: more than zero (zero would fail every call)."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("a timeout must be more than 0")
+    return seconds
+
+
+def _port_number(text: str) -> int | None:
+    """`8080` -> 8080; None for anything that is not 1-65535 in ASCII digits (`str.isdigit`
+    also accepts `²`, which `int()` then refuses)."""
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        return None
+    return int(text)
+
+
 def parse_size(value: object) -> int:
     """`512KiB`, `10MiB`, `1GiB` or a bare number of bytes -> bytes."""
     if isinstance(value, bool):
@@ -398,10 +414,12 @@ class _Reader:
             return default
         text = str(value)
         host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        # Port 0 asks the kernel for a free port (tests, the demo).
+        number = 0 if port == "0" else _port_number(port)
+        if not sep or number is None:
             self.problem(path, f"expected HOST:PORT such as 127.0.0.1:8080, got {text!r}")
             return default
-        return HostPort(host.strip("[]") or "0.0.0.0", int(port))
+        return HostPort(host.strip("[]") or "0.0.0.0", number)
 
 
 def _join(path: str, key: str) -> str:
@@ -448,6 +466,7 @@ _CREDENTIAL_KEYS: Final = {
     "audience",
     "resource",
     "private_key",
+    "private_key_password",
     "private_key_alg",
     "key_id",
     "tls",
@@ -509,7 +528,7 @@ def _credential(r: _Reader, name: str, raw: object, path: str) -> CredentialConf
         skew=r.convert(m, "skew", path, parse_duration, 5.0),
         default_expires_in=r.convert(m, "default_expires_in", path, parse_duration, 300.0),
         max_expires_in=r.convert(m, "max_expires_in", path, parse_duration, 86400.0),
-        timeout=r.convert(m, "timeout", path, parse_duration, 10.0),
+        timeout=r.convert(m, "timeout", path, parse_timeout, 10.0),
         extra_params=extra,
     )
     if auth_method == "tls_client_auth" and (tls is None or tls.cert is None):
@@ -560,8 +579,10 @@ def _route(
     if host_text is not None:
         h, sep, p = host_text.rpartition(":")
         bare_ipv6 = host_text.count(":") > 1 and not host_text.startswith("[")
-        if sep and p.isdigit() and not host_text.endswith("]") and not bare_ipv6:
-            host, port = h, int(p)  # host:port or [v6]:port
+        if sep and not host_text.endswith("]") and not bare_ipv6:
+            host, port = h, _port_number(p)  # host:port or [v6]:port
+            if port is None:
+                r.problem(_join(path, "match.host"), f"the port must be 1-65535, got {p!r}")
         else:
             host = host_text  # a name, or an IPv6 literal such as ::1 (no port without brackets)
         host = host.strip("[]").lower().rstrip(".")
@@ -599,8 +620,8 @@ def _route(
             paths = []
         allow.append(AllowRule(frozenset(x.upper() for x in methods), tuple(paths)))
     timeouts = r.mapping(m.get("timeouts"), _join(path, "timeouts"), {"connect", "total"}) or {}
-    connect = r.convert(timeouts, "connect", _join(path, "timeouts"), parse_duration, 5.0)
-    total = r.convert(timeouts, "total", _join(path, "timeouts"), parse_duration, 30.0)
+    connect = r.convert(timeouts, "connect", _join(path, "timeouts"), parse_timeout, 5.0)
+    total = r.convert(timeouts, "total", _join(path, "timeouts"), parse_timeout, 30.0)
     return RouteConfig(
         name=name,
         prefix=prefix,
@@ -655,8 +676,16 @@ def parse_config(raw: object, *, base_dir: Path = Path("."), source: Path | None
             r.problem(
                 "store.url", "is required for kind: redis (redis://HOST:PORT/DB or rediss://...)"
             )
-        elif URL(store_url).scheme not in ("redis", "rediss", "unix"):
-            r.problem("store.url", "expected redis://, rediss:// or unix:// URL")
+        else:
+            try:
+                scheme = URL(store_url).scheme
+            except ValueError:
+                scheme = ""
+            if scheme not in ("redis", "rediss", "unix"):
+                r.problem(
+                    "store.url",  # not echoed: a Redis URL may hold a password
+                    "expected a redis://, rediss:// or unix:// URL",
+                )
     store_path = (
         r.path_value(store_raw, "path", "store", must_exist=False) or base_dir / "authproxy.db"
     )
@@ -694,10 +723,21 @@ def parse_config(raw: object, *, base_dir: Path = Path("."), source: Path | None
                 f"routes[{i}].name", f"duplicate route name (also routes[{seen[route.name]}])"
             )
         seen[route.name] = i
-        mkey = (route.host, route.port, route.prefix)
+        # A host match without a port means port 80: `h` and `H.:80` are the same match.
+        port = route.port if route.host is None or route.port is not None else 80
+        mkey = (route.host, port, route.prefix)
         if mkey in matches:
             r.problem(f"routes[{i}].match", f"same match as routes[{matches[mkey]}]")
         matches[mkey] = i
+
+    chains = sorted(n for n, c in credentials.items() if c.grant == "refresh_token")
+    if kind == "memory" and workers > 1 and chains:
+        r.problem(
+            "store.kind",
+            f"memory keeps refresh-token chains ({', '.join(chains)}) inside one process; the "
+            f"{workers} workers would each rotate their own copy and revoke the others': use "
+            "sqlite or redis",
+        )
 
     tunnel: set[HostPort] = set()
     tunnel_raw = top.get("tunnel_allow") or []

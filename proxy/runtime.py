@@ -229,6 +229,8 @@ class Runtime:
             problems = await asyncio.to_thread(check_tls_files, new)
         except ConfigError as exc:
             problems = [str(p) for p in exc.problems]
+        except Exception as exc:  # a config the validator let through and loading broke on
+            problems = [f"{type(exc).__name__} while loading {self.config.source.name}: {exc}"]
         if problems or new is None:
             event(
                 log,

@@ -12,12 +12,17 @@ log = logging.getLogger("authproxy.tasks")
 
 
 class TaskOwner:
-    """Keeps every task it starts alive until done, and cancels what is left in `aclose()`."""
+    """Keeps every task it starts alive until done, and cancels what is left in `aclose()`.
 
-    def __init__(self, name: str) -> None:
+    `awaited=False` is for fire-and-forget work (a reload, a maintenance loop) that nobody
+    awaits: a failure is logged with its traceback instead of vanishing. With `awaited=True`
+    the tasks' waiters receive failures through their own await, and nothing is logged twice."""
+
+    def __init__(self, name: str, *, awaited: bool = False) -> None:
         self.name = name
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._awaited = awaited
 
     def spawn(self, coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.Task[T]:
         if self._closed:
@@ -30,10 +35,12 @@ class TaskOwner:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        # Retrieve the exception so asyncio does not report it as never retrieved; waiters that
-        # care have already received it through their own await.
-        if not task.cancelled():
-            task.exception()
+        if task.cancelled():
+            return
+        # Retrieved either way, so asyncio does not report it as never retrieved.
+        exc = task.exception()
+        if exc is not None and not self._awaited:
+            log.error("background task %s of %s failed", task.get_name(), self.name, exc_info=exc)
 
     def __len__(self) -> int:
         return len(self._tasks)

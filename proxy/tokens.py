@@ -83,7 +83,7 @@ class TokenCache:
         self._sources = dict(sources)
         self._metrics = metrics
         self._clock = clock
-        self._owner = TaskOwner("token-cache")
+        self._owner = TaskOwner("token-cache", awaited=True)
         self._tokens: dict[ChainKey, AccessToken] = {}
         self._subject_tokens: LRUCache[ChainKey, AccessToken] = LRUCache(max_subject_tokens)
         self._inflight: dict[ChainKey, asyncio.Task[AccessToken]] = {}

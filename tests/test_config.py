@@ -14,6 +14,9 @@ from proxy.config import load_config, parse_config, parse_duration, parse_size
 from proxy.errors import ConfigError
 
 
+UPSTREAM = "https://api.example.com/v1"
+
+
 def minimal(**extra: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "credentials": {
@@ -168,6 +171,59 @@ def test_grant_specific_rules() -> None:
 
 def test_redis_store_needs_a_url() -> None:
     assert problems_of(minimal(store={"kind": "redis"}))[0].startswith("store.url: is required")
+
+
+def test_values_that_crashed_or_passed_unnoticed_are_problems() -> None:
+    raw = minimal(store={"kind": "redis", "url": "redis://[bad"}, listen={"proxy": "127.0.0.1:²"})
+    raw["routes"][0]["timeouts"] = {"total": "0s", "connect": 0}
+    raw["credentials"]["pay"]["timeout"] = "0ms"
+    raw["routes"].append(
+        {"name": "far", "match": {"host": "api.example.com:99999"}, "upstream": UPSTREAM}
+    )
+    raw["routes"].append({"name": "h1", "match": {"host": "api.example.net"}, "upstream": UPSTREAM})
+    raw["routes"].append(
+        {"name": "h2", "match": {"host": "API.example.net.:80"}, "upstream": UPSTREAM}
+    )
+    found = problems_of(raw)
+    for expected in (
+        "store.url: expected a redis://, rediss:// or unix:// URL",
+        "listen.proxy: expected HOST:PORT",
+        "routes[0].timeouts.total: a timeout must be more than 0",
+        "routes[0].timeouts.connect: a timeout must be more than 0",
+        "credentials.pay.timeout: a timeout must be more than 0",
+        "routes[1].match.host: the port must be 1-65535, got '99999'",
+        "routes[3].match: same match as routes[2]",
+    ):
+        assert any(p.startswith(expected) for p in found), (expected, found)
+    assert not any("[bad" in p for p in found)  # a Redis URL may carry a password
+
+
+def test_an_encrypted_private_key_has_its_password_key() -> None:
+    raw = minimal()
+    raw["credentials"]["pay"].update(
+        auth_method="private_key_jwt",
+        private_key="-----BEGIN ENCRYPTED PRIVATE KEY-----",  # literal: only the key is checked
+        private_key_password={"env": "TEST_CLIENT_SECRET"},
+    )
+    del raw["credentials"]["pay"]["client_secret"]
+    cred = parse_config(raw).credentials["pay"]
+    assert cred.private_key_password is not None
+    assert cred.private_key_password.resolve().reveal() == "test-client-secret-9f8e7d6c"
+
+
+def test_memory_store_is_refused_for_chains_shared_by_workers() -> None:
+    raw = minimal(workers=2)
+    assert parse_config(raw).workers == 2  # client credentials: each worker fetches its own
+    raw["credentials"]["chain"] = {
+        "grant": "refresh_token",
+        "token_url": "https://idp.example.com/oauth2/token",
+        "client_id": "abc",
+        "client_secret": {"env": "TEST_CLIENT_SECRET"},
+    }
+    found = problems_of(raw)
+    assert found[0].startswith("store.kind: memory keeps refresh-token chains (chain)"), found
+    raw["store"] = {"kind": "sqlite", "path": "chains.db"}
+    assert parse_config(raw).workers == 2
 
 
 def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:

@@ -130,7 +130,6 @@ def test_every_module_has_a_test_file() -> None:
         "demo_http": "test_demo",
         "demo_idp": "test_demo",
         "demo_echo": "test_demo",
-        "tasks": "test_tokens",
         "transport": "test_mtls",
         "server": "test_pipeline, test_forward",
         "workers": "test_workers",

@@ -263,7 +263,10 @@ class ProxyHandler:
                     body = content.read_nowait() if not out.sent_body else await upstream.read()
                 else:
                     body = await _read_small(content, out, deadlines)
-                headers.popall("Content-Length", None)
+                if len(body) != length and request.method != "HEAD":
+                    # The upstream's Content-Length is kept as sent: it is the length of this
+                    # body, and for HEAD the length of the body a GET would get.
+                    headers["Content-Length"] = str(len(body))
                 return web.Response(
                     status=out.status, reason=out.reason, body=body, headers=headers
                 )

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import StoreError
 from proxy.logs import event
-from proxy.models import ChainKey, Secret
+from proxy.models import SUBJECT_RULE, ChainKey, Secret, is_valid_subject
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -26,6 +26,22 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _json_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The router's own refusals (unknown path, wrong method) as JSON like every other error."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return web.json_response(
+            {"error": "method_not_allowed", "message": f"{request.path} takes {allowed}"},
+            status=405,
+            headers={"Allow": allowed},
+        )
+    except web.HTTPNotFound:
+        return _json_error(404, "not_found", f"no admin endpoint at {request.path}")
 
 
 @web.middleware
@@ -97,8 +113,8 @@ async def seed(request: web.Request) -> web.Response:
     subject = body.get("subject")
     if not isinstance(token, str) or not token.strip():
         return _json_error(400, "bad_request", "refresh_token must be a non-empty string")
-    if subject is not None and (not isinstance(subject, str) or not subject or len(subject) > 256):
-        return _json_error(400, "bad_request", "subject must be a string of 1-256 characters")
+    if subject is not None and not isinstance(subject, str):
+        return _json_error(400, "bad_request", f"subject must be a string of {SUBJECT_RULE}")
     problem = _subject_problem(name, cred.subject_header, subject)
     if problem:
         return _json_error(400, "bad_request", problem)
@@ -140,13 +156,14 @@ def _subject_problem(name: str, subject_header: str | None, subject: str | None)
         return f"{name} keeps one chain per user ({subject_header}): give the subject"
     if subject is not None and not subject_header:
         return f"{name} has no subject_header; omit subject"
-    if subject is not None and not (0 < len(subject) <= 256):
-        return "subject must be a string of 1-256 characters"
+    if subject is not None and not is_valid_subject(subject):
+        # The subject header can carry nothing else: such a chain could never be used.
+        return f"subject must be {SUBJECT_RULE}"
     return None
 
 
 def admin_app(runtime: Runtime) -> web.Application:
-    app = web.Application(middlewares=[admin_auth], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[json_errors, admin_auth], client_max_size=64 * 1024)
     app[RUNTIME] = runtime
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from json.encoder import encode_basestring_ascii as _encode_json_str
 from types import TracebackType
 from typing import IO, Any, Final
-from urllib.parse import parse_qsl, quote, quote_plus, urlencode
+from urllib.parse import quote, quote_plus, unquote_plus
 
 REDACTED: Final = "[REDACTED]"
 SENSITIVE_HEADERS: Final = frozenset(
@@ -46,8 +46,17 @@ SENSITIVE_QUERY: Final = frozenset(
         "secret",
         "signature",
         "sig",
+        "api-key",
+        "x-api-key",
+        "jwt",
+        "auth",
+        "authorization",
+        "session",
+        "sessionid",
+        "private_key",
     }
 )
+_QUERY_SEPARATOR: Final = re.compile(r"([&;])")  # `;` too: some servers split on it
 _TOKEN_CHARS = r"A-Za-z0-9\-._~+/="
 _TOKEN_RUN = re.compile(rf"[{_TOKEN_CHARS}]{{8,}}")
 _TOKEN_SHAPED = re.compile(rf"[{_TOKEN_CHARS}]+")
@@ -62,15 +71,19 @@ def redact_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 
 def redact_query(path_qs: str) -> str:
-    """`/x?code=abc&y=1` -> `/x?code=[REDACTED]&y=1`; paths without a query are untouched."""
+    """`/x?code=abc&y=1` -> `/x?code=[REDACTED]&y=1`: the value of every sensitive parameter
+    (its name compared decoded and case-blind; `&` and `;` both separate), the rest as sent."""
     path, sep, query = path_qs.partition("?")
     if not sep:
         return path_qs
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if not any(k.lower() in SENSITIVE_QUERY for k, _ in pairs):
-        return path_qs
-    safe = [(k, REDACTED if k.lower() in SENSITIVE_QUERY else v) for k, v in pairs]
-    return f"{path}?{urlencode(safe, safe='[]')}"
+    parts = _QUERY_SEPARATOR.split(query)
+    changed = False
+    for i in range(0, len(parts), 2):  # odd indexes hold the separators
+        name, eq, _ = parts[i].partition("=")
+        if eq and unquote_plus(name).strip().lower() in SENSITIVE_QUERY:
+            parts[i] = f"{name}={REDACTED}"
+            changed = True
+    return f"{path}?{''.join(parts)}" if changed else path_qs
 
 
 class Scrubber(logging.Filter):

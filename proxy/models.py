@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Final
@@ -63,6 +64,15 @@ class ChainKey:
 
     def __str__(self) -> str:
         return self.credential if self.subject is None else f"{self.credential}[{self.subject}]"
+
+
+_SUBJECT: Final = re.compile(r"[\x21-\x7e]{1,256}")
+SUBJECT_RULE: Final = "1-256 visible ASCII characters"
+
+
+def is_valid_subject(subject: str) -> bool:
+    """An end user's id as a chain key: what the subject header can carry (`SUBJECT_RULE`)."""
+    return _SUBJECT.fullmatch(subject) is not None
 
 
 # Refresh timing rules of SPEC section 3.

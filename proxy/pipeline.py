@@ -5,7 +5,6 @@ replay on 401). It knows nothing of the web server: `server.py` turns web reques
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -20,12 +19,11 @@ from proxy.deadlines import Deadlines
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamTimeout
 from proxy.headers import downstream_headers, upstream_headers
 from proxy.metrics import Metrics
-from proxy.models import AccessToken, ChainKey
+from proxy.models import SUBJECT_RULE, AccessToken, ChainKey, is_valid_subject
 from proxy.routing import Resolved, Router
 from proxy.tokens import TokenCache
 from proxy.transport import SessionPool, map_client_error
 
-_SUBJECT_RE: Final = re.compile(r"^[\x21-\x7e]{1,256}$")
 _CHUNK: Final = 64 * 1024
 
 
@@ -134,10 +132,10 @@ class Pipeline:
         if cred is not None:
             if cred.subject_header:
                 subject = inbound.headers.get(cred.subject_header)
-                if subject is None or not _SUBJECT_RE.match(subject):
+                if subject is None or not is_valid_subject(subject):
                     raise BadRequest(
                         f"route {route.name} needs the {cred.subject_header} header "
-                        "(1-256 visible ASCII characters) to pick the end user's token",
+                        f"({SUBJECT_RULE}) to pick the end user's token",
                         route=route.name,
                     )
                 drop = frozenset({cred.subject_header.lower()})

@@ -118,6 +118,20 @@ async def test_admin_token_from_env(proxy: Runtime, http: aiohttp.ClientSession)
     assert {c["name"] for c in body["credentials"]} == {"demo", "chain", "users"}
 
 
+async def test_unknown_paths_and_wrong_methods_are_json_errors(
+    proxy: Runtime, http: aiohttp.ClientSession
+) -> None:
+    for path in ("/nope", "/admin/nope", "/admin/credentials/chain/nope"):
+        status, body, _ = await call(
+            http, "GET", admin_url(proxy, path), headers=bearer(ADMIN_TOKEN)
+        )
+        assert (status, body["error"]) == (404, "not_found"), path
+        assert path in body["message"]
+    status, body, headers = await call(http, "DELETE", admin_url(proxy, "/healthz"))
+    assert (status, body["error"]) == (405, "method_not_allowed")
+    assert "GET" in headers["Allow"]
+
+
 async def test_admin_token_from_file_follows_rotation(
     make_proxy: ProxyFactory,
     token_server: TokenServer,
@@ -197,6 +211,12 @@ async def test_health_and_metrics_are_not_guarded(
             {"refresh_token": "x", "subject": "s" * 257},
             400,
             "subject",
+        ),
+        (
+            "/admin/credentials/users/refresh-token",
+            {"refresh_token": "x", "subject": "a b"},  # no header could carry it
+            400,
+            "subject must be 1-256 visible ASCII characters",
         ),
         (
             "/admin/credentials/demo/refresh-token",

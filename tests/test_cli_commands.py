@@ -88,9 +88,13 @@ def test_seed_refuses_bad_usage(tmp_path: Path, token_server: TokenServer) -> No
         (["seed", "-c", str(config), "nope"], "no credential named 'nope'"),
         (["seed", "-c", str(config), "cc"], "only refresh_token chains are seeded"),
         (
-            ["seed", "-c", str(config), "po", "--refresh-token-file", str(tmp_path / "missing")],
+            ["seed", "-c", str(config), "po", "--subject", "alice", "--refresh-token-file"]
+            + [str(tmp_path / "missing")],
             "cannot read",
         ),
+        (["seed", "-c", str(config), "po"], "keeps one chain per user (X-User)"),
+        # The subject header could never carry it: such a chain would never be used.
+        (["seed", "-c", str(config), "po", "--subject", "a b"], "--subject must be 1-256 visible"),
     ]
     for args, message in cases:
         result = run_cli(*args)

@@ -59,6 +59,13 @@ ODD_SECRET = "odd+secret/with=&chars 7"  # changed by both percent-encodings
             "/a?refresh_token=[REDACTED]&client_secret=[REDACTED]",
         ),
         ("/a?code=", "/a?code=[REDACTED]"),
+        ("/a?x=1;access_token=t&y", "/a?x=1;access_token=[REDACTED]&y"),
+        (
+            "/a?access%5Ftoken=t&api-key=k&JWT=j",
+            "/a?access%5Ftoken=[REDACTED]&api-key=[REDACTED]&JWT=[REDACTED]",
+        ),
+        ("/a?q=caf%C3%A9+x&auth=a", "/a?q=caf%C3%A9+x&auth=[REDACTED]"),  # the rest as sent
+        ("/a?tokens=keep&token", "/a?tokens=keep&token"),
     ],
 )
 def test_redact_query(raw: str, expected: str) -> None:

@@ -47,4 +47,4 @@ async def test_close_cancels_what_is_left_without_logging_it(log_capture: LogCap
     assert task.cancelled()
     assert not [ln for ln in log_capture.lines() if ln.get("logger") == "authproxy.tasks"]
     with pytest.raises(RuntimeError, match="closed"):
-        owner.spawn(asyncio.sleep(0))
+        _ = owner.spawn(asyncio.sleep(0))

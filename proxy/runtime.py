@@ -282,6 +282,31 @@ class Runtime:
             scrubber().refresh_static()
             self._users = await asyncio.to_thread(self._read_proxy_users)
             self._update_cert_metrics()
+            await self.pick_up_seeds()
+
+    async def pick_up_seeds(self) -> list[str]:
+        """Chains in reauth_required that were seeded anew behind this process's back
+        (`authproxy seed`, another worker's or replica's admin API) become ok, and the next
+        request uses the new chain; returns their names. While a still-valid access token is
+        held nothing else would look at the store before its refresh time."""
+        revived: list[str] = []
+        tokens = self.engine.tokens
+        for name, cred in self.config.credentials.items():
+            if cred.grant != "refresh_token" or cred.subject_header:
+                continue
+            health = tokens.health.get(name)
+            if health is None or health.state is not CredentialState.REAUTH_REQUIRED:
+                continue
+            key = ChainKey(name)
+            try:
+                rec = await self.store.get(key)
+            except StoreError:
+                continue  # /readyz reports the store
+            if rec is not None and rec.state is CredentialState.OK:
+                tokens.forget(key)
+                tokens.mark_seeded(key)
+                revived.append(name)
+        return revived
 
     async def _sync_chain_states(self) -> None:
         """Unseeded or refused chains show as reauth_required from the start (metric, /admin,

@@ -13,12 +13,16 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
 from proxy.cli import GC_YOUNG_THRESHOLD, tune_gc_for_serving
-from proxy.demo import TokenServer
-from tests.conftest import CLIENT_SECRET
+from proxy.demo import EchoServer, TokenServer, header_values
+from proxy.demo_run import DEMO_SECRET
+from proxy.models import CredentialState
+from proxy.runtime import MAINTENANCE_INTERVAL
+from tests.conftest import CLIENT_SECRET, ProxyFactory, proxy_config, proxy_url
 from tests.proxyproc import run_cli
 from tests.redis_fixture import free_port
 
@@ -82,14 +86,85 @@ def test_seed_from_stdin_and_file_then_status(tmp_path: Path, token_server: Toke
     assert re.search(r"^po\s+ok", human.stdout, re.MULTILINE)
 
 
+async def test_a_running_proxy_picks_up_a_chain_seeded_from_the_command_line(
+    make_proxy: ProxyFactory, token_server: TokenServer, echo_server: EchoServer, tmp_path: Path
+) -> None:
+    raw = proxy_config(
+        token_server, echo_server, store={"kind": "sqlite", "path": str(tmp_path / "seed.db")}
+    )
+    raw["credentials"]["po"] = {
+        "grant": "refresh_token",
+        "token_url": str(token_server.token_url),
+        "client_id": "demo-client",
+        "client_secret": {"env": "TEST_CLIENT_SECRET"},
+    }
+    raw["routes"].append(
+        {
+            "name": "po",
+            "match": {"prefix": "/po"},
+            "upstream": str(echo_server.url),
+            "credential": "po",
+        }
+    )
+    rt = await make_proxy(raw)
+
+    def state() -> CredentialState:
+        return rt.engine.tokens.health["po"].state
+
+    assert state() is CredentialState.REAUTH_REQUIRED  # never seeded
+    seed_file = tmp_path / "rt"
+    seed_file.write_text(token_server.seed_refresh_token())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "seed",
+        "-c",
+        str(tmp_path / "authproxy-0.yaml"),  # the file make_proxy serves
+        "po",
+        "--refresh-token-file",
+        str(seed_file),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    # Nothing tells the proxy: its maintenance pass finds the new chain in the store.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3 * MAINTENANCE_INTERVAL
+    while state() is CredentialState.REAUTH_REQUIRED and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    assert state() is CredentialState.OK
+    gauge = rt.metrics.registry.get_sample_value(
+        "authproxy_credential_state", {"credential": "po", "state": "reauth_required"}
+    )
+    assert gauge == 0
+    assert token_server.grants["refresh_token"] == 0  # picked up without a rotation
+    async with (
+        aiohttp.ClientSession(trust_env=False) as http,
+        http.get(proxy_url(rt, "/po/x")) as resp,
+    ):
+        assert resp.status == 200
+    assert token_server.grants["refresh_token"] == 1
+
+
 def test_seed_refuses_bad_usage(tmp_path: Path, token_server: TokenServer) -> None:
     config = chain_config(tmp_path, token_server)
+    missing = str(tmp_path / "missing")
     cases = [
         (["seed", "-c", str(config), "nope"], "no credential named 'nope'"),
         (["seed", "-c", str(config), "cc"], "only refresh_token chains are seeded"),
         (
-            ["seed", "-c", str(config), "po", "--subject", "alice", "--refresh-token-file"]
-            + [str(tmp_path / "missing")],
+            [
+                "seed",
+                "-c",
+                str(config),
+                "po",
+                "--subject",
+                "alice",
+                "--refresh-token-file",
+                missing,
+            ],
             "cannot read",
         ),
         (["seed", "-c", str(config), "po"], "keeps one chain per user (X-User)"),
@@ -117,16 +192,18 @@ def test_status_exits_3_when_a_chain_needs_attention(
 
 @pytest.mark.slow
 async def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
+    """Every curl line the demo prints works; nothing the demo or those calls print (the
+    echo answers aside, which show the token they received on purpose) holds the demo's
+    client secret or an access token its token server issued."""
     port, admin = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "demo", "--port", str(port), "--admin-port", str(admin)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    argv = [sys.executable, "-m", "proxy", "demo", "--port", str(port), "--admin-port", str(admin)]
+    demo_log = tmp_path / "demo.log"
+    with demo_log.open("wb") as err:  # the child keeps its own descriptor
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+    printed = ""
+    lines: list[str] = []
     try:
         assert proc.stdout is not None
-        lines: list[str] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
         while loop.time() < deadline:
@@ -160,8 +237,31 @@ async def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         if proc.stdout is not None:
+            printed = "\n".join(lines) + proc.stdout.read()
             proc.stdout.close()
-    assert CLIENT_SECRET  # the demo uses its own published secret, not the tests'
+    # The access tokens the demo's token server issued, as the echo API received them.
+    echoed = {cmd: _echo_answer(out) for cmd, out in outputs.items()}
+    issued = {
+        auth.removeprefix("Bearer ")
+        for answer in echoed.values()
+        if answer is not None
+        for auth in header_values(answer, "Authorization")
+    }
+    assert len(issued) >= 3  # demo, rotating and users: the scan has tokens to look for
+    shown = [printed, demo_log.read_text()]
+    shown += [out for cmd, out in outputs.items() if echoed[cmd] is None]
+    for secret in (DEMO_SECRET, CLIENT_SECRET, *issued):  # CLIENT_SECRET: the tests', unused
+        for text in shown:
+            assert secret not in text
+
+
+def _echo_answer(output: str) -> dict[str, Any] | None:
+    """The echo API's JSON answer in a curl output, or None for anything else."""
+    try:
+        answer = json.loads(output)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) and "token_valid" in answer else None
 
 
 class _Node:

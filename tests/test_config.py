@@ -13,7 +13,6 @@ import yaml
 from proxy.config import load_config, parse_config, parse_duration, parse_size
 from proxy.errors import ConfigError
 
-
 UPSTREAM = "https://api.example.com/v1"
 
 

@@ -69,10 +69,12 @@ async def test_head_keeps_the_length_a_get_would_get(proxy: str, size: int) -> N
 
 
 async def test_a_no_content_answer_stays_bodiless(proxy: str) -> None:
-    async with aiohttp.ClientSession(trust_env=False) as http:
-        async with http.delete(f"{proxy}/none") as resp:
-            assert resp.status == 204
-            assert resp.headers["X-Done"] == "yes"
-            assert "Content-Length" not in resp.headers
-            assert "Transfer-Encoding" not in resp.headers
-            assert await resp.read() == b""
+    async with (
+        aiohttp.ClientSession(trust_env=False) as http,
+        http.delete(f"{proxy}/none") as resp,
+    ):
+        assert resp.status == 204
+        assert resp.headers["X-Done"] == "yes"
+        assert "Content-Length" not in resp.headers
+        assert "Transfer-Encoding" not in resp.headers
+        assert await resp.read() == b""

@@ -22,6 +22,10 @@ class RequestCounter:
 
     async def _bump(self) -> None:
         self.requests += 1
+        await self._notify()
+
+    async def _notify(self) -> None:
+        """Wake every `wait_*` call so it re-checks its condition."""
         async with self._changed:
             self._changed.notify_all()
 
@@ -38,12 +42,23 @@ class LoopbackServer(RequestCounter):
         super().__init__()
         self.url = URL()
         self.gate: asyncio.Event | None = None  # when set, every call waits for it first
-        self.held = 0  # calls waiting at the gate now
+        self.held = 0  # calls waiting at the gate now; `wait_held` waits on it
         self._runner: web.AppRunner | None = None
         self._parked: set[asyncio.Task[Any]] = set()
 
     def _app(self) -> web.Application:
         raise NotImplementedError
+
+    async def wait_held(self, n: int = 1, *, within: float = 10.0) -> None:
+        """Return once `held >= n` calls wait at the gate; `AssertionError` after `within`
+        seconds, naming how many were held."""
+        try:
+            async with asyncio.timeout(within), self._changed:
+                await self._changed.wait_for(lambda: self.held >= n)
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.held} call(s) held at the gate after {within}s, expected {n}"
+            ) from None
 
     async def start(
         self, host: str = "127.0.0.1", port: int = 0, ssl: ssl.SSLContext | None = None
@@ -82,6 +97,7 @@ class LoopbackServer(RequestCounter):
         if gate is not None and not gate.is_set():
             self.held += 1
             try:
+                await self._notify()
                 await self._park(gate.wait())
             finally:
                 self.held -= 1

@@ -13,6 +13,7 @@ import dataclasses
 import time
 from typing import Final
 
+from proxy.errors import StoreUnavailable
 from proxy.models import AccessToken, ChainKey, ChainRecord, HistoryEvent, Secret
 from proxy.store import HISTORY_LIMIT, check_lease_ttl, check_next_version, seeded_record
 
@@ -131,7 +132,9 @@ class MemoryStore:
             self._shared[credential] = token
 
     async def ping(self) -> None:
-        return None
+        """Always reachable in-process, until closed: then `StoreUnavailable`, like the others."""
+        if self._closed:
+            raise StoreUnavailable("memory store is closed")
 
     async def aclose(self) -> None:
         self._closed = True

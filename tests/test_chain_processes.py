@@ -172,8 +172,7 @@ async def start_refresh_and_kill(
     gate = asyncio.Event()
     idp.gate = gate
     request = asyncio.ensure_future(session.get(p.url("/po/accounts")))
-    while idp.held == 0:
-        await asyncio.sleep(0.01)
+    await idp.wait_held(1)
     p.proc.send_signal(signal.SIGKILL)
     p.proc.wait(timeout=10)
     with pytest.raises(aiohttp.ClientError):

@@ -216,8 +216,7 @@ async def test_invalid_grant_after_another_writer_moved_the_chain_uses_the_new_o
     gate = asyncio.Event()
     rotating_server.gate = gate
     pending = asyncio.ensure_future(engine.cache.get(KEY))
-    while rotating_server.held == 0:  # our refresh call is now parked at the provider
-        await asyncio.sleep(0.01)
+    await rotating_server.wait_held(1)  # our refresh call is now parked at the provider
     # Meanwhile someone seeds a fresh chain and the old token is revoked at the provider.
     await store.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
     rotating_server.revoke(old)
@@ -241,8 +240,7 @@ async def test_cancelled_requests_do_not_cancel_the_rotation(
     gate = asyncio.Event()
     rotating_server.gate = gate
     waiters = [asyncio.ensure_future(engine.cache.get(KEY)) for _ in range(20)]
-    while rotating_server.held == 0:
-        await asyncio.sleep(0.01)
+    await rotating_server.wait_held(1)
     for w in waiters[:10]:
         w.cancel()
     gate.set()

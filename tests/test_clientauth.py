@@ -134,6 +134,11 @@ def test_a_key_that_cannot_sign_the_algorithm_is_a_clean_error(tmp_path: Path) -
         AUTH_STEPS["private_key_jwt"](cred, TokenRequestParts({}, {}), None)
     message = str(info.value)
     assert f"private key {key_file} cannot sign ES256" in message
+    # The key itself, not just its PEM marker: every base64 line of its body.
+    body_lines = [ln for ln in key_file.read_text().splitlines() if not ln.startswith("-----")]
+    assert len(body_lines) > 10  # an RSA 2048 key: the scan has something to find
+    for line in body_lines:
+        assert line not in message
     assert "PRIVATE KEY" not in message
 
 
@@ -212,7 +217,7 @@ async def test_secret_methods_over_mtls(
 
 
 async def test_second_secret_is_tried_on_invalid_client(
-    token_server: TokenServer, pool: SessionPool, tmp_path: Path, monkeypatch
+    token_server: TokenServer, pool: SessionPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEST_OLD_SECRET", "old-secret-that-was-revoked")
     cred = credential(

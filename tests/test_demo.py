@@ -78,7 +78,9 @@ async def refresh(session: aiohttp.ClientSession, server: TokenServer, rt: str) 
 # -- grants and client authentication --------------------------------------------------------
 
 
-async def test_client_credentials_basic(session, tokens):
+async def test_client_credentials_basic(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     form = {**CC, "scope": "a b", "audience": "https://api.example.com", "resource": "urn:r1"}
     status, body = await call(session, tokens, form)
     assert status == 200
@@ -106,7 +108,9 @@ async def test_client_credentials_basic(session, tokens):
     )
 
 
-async def test_basic_is_form_urlencoded_per_rfc6749(session, tokens):
+async def test_basic_is_form_urlencoded_per_rfc6749(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     odd = "p+ss word:/é%"
     tokens.add_client_secret(odd)
     assert (await call(session, tokens, CC, basic("demo-client", odd)))[0] == 200
@@ -117,7 +121,9 @@ async def test_basic_is_form_urlencoded_per_rfc6749(session, tokens):
     assert (await call(session, tokens, CC, basic("demo-client", odd, encode=False)))[0] == 200
 
 
-async def test_client_secret_post_and_secret_rotation(session, tokens):
+async def test_client_secret_post_and_secret_rotation(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     def post(secret: str) -> dict[str, str]:
         return {**CC, "client_id": "demo-client", "client_secret": secret}
 
@@ -137,7 +143,9 @@ async def test_client_secret_post_and_secret_rotation(session, tokens):
     assert tokens.invalid_client == 1
 
 
-async def test_wrong_client_is_invalid_client(session, tokens):
+async def test_wrong_client_is_invalid_client(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     async with session.post(
         tokens.token_url, data=CC, headers=basic("demo-client", "nope")
     ) as resp:
@@ -161,7 +169,7 @@ async def test_wrong_client_is_invalid_client(session, tokens):
     }
 
 
-async def test_bad_requests(session, tokens):
+async def test_bad_requests(session: aiohttp.ClientSession, tokens: TokenServer) -> None:
     assert await call(session, tokens, {"grant_type": "password"}) == (
         400,
         {"error": "unsupported_grant_type"},
@@ -193,7 +201,9 @@ def _keypair(alg: str) -> tuple[bytes, bytes]:
 
 
 @pytest.mark.parametrize("alg", ["RS256", "ES256"])
-async def test_private_key_jwt(session, tokens, alg):
+async def test_private_key_jwt(
+    session: aiohttp.ClientSession, tokens: TokenServer, alg: str
+) -> None:
     private, public = _keypair(alg)
     tokens.register_jwt_key(public)
     now = time.time()
@@ -284,7 +294,7 @@ def tls() -> Tls:
     return Tls(server, clients, _client_context(ca, leaf), hashlib.sha256(der).hexdigest())
 
 
-async def test_tls_client_auth(session, tls):
+async def test_tls_client_auth(session: aiohttp.ClientSession, tls: Tls) -> None:
     server = TokenServer()
     await server.start(ssl=tls.server)
     try:
@@ -310,7 +320,7 @@ async def test_tls_client_auth(session, tls):
         await server.aclose()
 
 
-async def test_tls_client_auth_by_fingerprint(session, tls):
+async def test_tls_client_auth_by_fingerprint(session: aiohttp.ClientSession, tls: Tls) -> None:
     server = TokenServer()
     await server.start(ssl=tls.server)
     server.register_client_cert(sha256=tls.fingerprint.upper())
@@ -325,7 +335,7 @@ async def test_tls_client_auth_by_fingerprint(session, tls):
 # -- rotating refresh tokens -----------------------------------------------------------------
 
 
-async def test_rotation(session, tokens):
+async def test_rotation(session: aiohttp.ClientSession, tokens: TokenServer) -> None:
     rt0 = tokens.seed_refresh_token("alice", scope="read")
     status, first = await refresh(session, tokens, rt0)
     assert status == 200
@@ -341,7 +351,9 @@ async def test_rotation(session, tokens):
     assert set(tokens.issued_tokens()) >= {rt0, first["refresh_token"], second["access_token"]}
 
 
-async def test_reuse_within_grace_returns_the_same_pair(session, tokens):
+async def test_reuse_within_grace_returns_the_same_pair(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     rt0 = tokens.seed_refresh_token()
     _, first = await refresh(session, tokens, rt0)
     status, again = await refresh(session, tokens, rt0)
@@ -354,7 +366,9 @@ async def test_reuse_within_grace_returns_the_same_pair(session, tokens):
 
 
 @pytest.mark.parametrize("grace", [0.0, 30.0])
-async def test_reuse_after_grace_revokes_the_family(session, grace):
+async def test_reuse_after_grace_revokes_the_family(
+    session: aiohttp.ClientSession, grace: float
+) -> None:
     tokens = TokenServer(reuse_grace=grace)
     await tokens.start()
     try:
@@ -378,7 +392,7 @@ async def test_reuse_after_grace_revokes_the_family(session, grace):
         await tokens.aclose()
 
 
-async def test_non_rotating_refresh_tokens(session):
+async def test_non_rotating_refresh_tokens(session: aiohttp.ClientSession) -> None:
     async with TokenServer(rotate_refresh_tokens=False) as tokens:
         assert tokens.url.port
         rt = tokens.seed_refresh_token()
@@ -391,7 +405,7 @@ async def test_non_rotating_refresh_tokens(session):
         assert (await refresh(session, tokens, rt))[0] == 400
 
 
-async def test_expiry_jwt_tokens_and_clock_offset(session):
+async def test_expiry_jwt_tokens_and_clock_offset(session: aiohttp.ClientSession) -> None:
     tokens = TokenServer(expires_in=0.5, jwt_access_tokens=True)
     await tokens.start()
     try:
@@ -412,7 +426,7 @@ async def test_expiry_jwt_tokens_and_clock_offset(session):
         await tokens.aclose()
 
 
-async def test_introspection(session, tokens):
+async def test_introspection(session: aiohttp.ClientSession, tokens: TokenServer) -> None:
     rt0 = tokens.seed_refresh_token("carol")
 
     async def introspect(token: str) -> dict[str, Any]:
@@ -444,7 +458,9 @@ MALFORMED: list[tuple[FaultKind, str, Any]] = [
 
 
 @pytest.mark.parametrize(("kind", "ctype", "expected"), MALFORMED)
-async def test_malformed_200_without_commit(session, tokens, kind, ctype, expected):
+async def test_malformed_200_without_commit(
+    session: aiohttp.ClientSession, tokens: TokenServer, kind: FaultKind, ctype: str, expected: Any
+) -> None:
     rt = tokens.seed_refresh_token()
     tokens.fail_next(1, kind)
     async with session.post(
@@ -476,7 +492,13 @@ async def test_malformed_200_without_commit(session, tokens, kind, ctype, expect
         (FaultKind.EXPIRES_IN_MISSING, "expires_in", None),
     ],
 )
-async def test_lying_fields_are_real_grants(session, tokens, kind, field, value):
+async def test_lying_fields_are_real_grants(
+    session: aiohttp.ClientSession,
+    tokens: TokenServer,
+    kind: FaultKind,
+    field: str,
+    value: str | int | None,
+) -> None:
     tokens.fail_next(1, kind)
     status, body = await call(session, tokens, CC)
     assert status == 200
@@ -486,7 +508,7 @@ async def test_lying_fields_are_real_grants(session, tokens, kind, field, value)
     assert (await call(session, tokens, CC))[1]["expires_in"] == 60
 
 
-async def test_http_errors(session, tokens):
+async def test_http_errors(session: aiohttp.ClientSession, tokens: TokenServer) -> None:
     tokens.fail_next(1, FaultKind.HTTP_500)
     tokens.fail_next(1, FaultKind.HTTP_429, retry_after=7)
     tokens.fail_next(1, FaultKind.HTTP_503, retry_after=3)
@@ -510,7 +532,9 @@ async def test_http_errors(session, tokens):
     assert tokens.pending_faults == ()
 
 
-async def test_fault_counts_and_until_cleared(session, tokens):
+async def test_fault_counts_and_until_cleared(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     tokens.fail_next(2, FaultKind.HTTP_500)
     statuses = [(await call(session, tokens, CC))[0] for _ in range(3)]
     assert statuses == [500, 500, 200]
@@ -527,7 +551,9 @@ async def test_fault_counts_and_until_cleared(session, tokens):
         tokens.fail_next(0, FaultKind.HTTP_500)
 
 
-async def test_500_after_commit_loses_the_pair(session, tokens):
+async def test_500_after_commit_loses_the_pair(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     rt0 = tokens.seed_refresh_token()
     tokens.fail_next(1, FaultKind.HTTP_500_AFTER_COMMIT)
     status, _ = await refresh(session, tokens, rt0)
@@ -543,7 +569,9 @@ async def test_500_after_commit_loses_the_pair(session, tokens):
 @pytest.mark.parametrize(
     ("kind", "rotations"), [(FaultKind.DROP, 0), (FaultKind.DROP_AFTER_COMMIT, 1)]
 )
-async def test_dropped_connection(session, tokens, kind, rotations):
+async def test_dropped_connection(
+    session: aiohttp.ClientSession, tokens: TokenServer, kind: FaultKind, rotations: int
+) -> None:
     rt0 = tokens.seed_refresh_token()
     tokens.fail_next(1, kind)
     with pytest.raises(aiohttp.ServerDisconnectedError):
@@ -555,7 +583,9 @@ async def test_dropped_connection(session, tokens, kind, rotations):
     assert tokens.grace_reuses == rotations
 
 
-async def test_slow_and_hanging_answers(session, tokens):
+async def test_slow_and_hanging_answers(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     tokens.fail_next(1, FaultKind.SLOW, delay=30)
     with pytest.raises(asyncio.TimeoutError):
         await call(session, tokens, CC, timeout=aiohttp.ClientTimeout(total=0.2))
@@ -573,12 +603,16 @@ async def test_slow_and_hanging_answers(session, tokens):
         await tokens.aclose()
 
 
-async def test_slow_commits_after_the_delay(session, tokens):
+async def test_slow_commits_after_the_delay(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     tokens.fail_next(1, FaultKind.SLOW, delay=0.01)
     assert (await call(session, tokens, CC))[0] == 200
 
 
-async def test_gate_holds_calls_until_set(session, tokens):
+async def test_gate_holds_calls_until_set(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     tokens.gate = asyncio.Event()
     async with asyncio.TaskGroup() as tg:
         calls = [tg.create_task(call(session, tokens, CC)) for _ in range(3)]
@@ -591,7 +625,9 @@ async def test_gate_holds_calls_until_set(session, tokens):
     assert tokens.held == 0
 
 
-async def test_token_values_never_in_call_records(session, tokens):
+async def test_token_values_never_in_call_records(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     rt0 = tokens.seed_refresh_token()
     _, pair = await refresh(session, tokens, rt0)
     records = repr(list(tokens.calls)) + repr(tokens) + json.dumps(tokens.stats())
@@ -603,21 +639,23 @@ async def test_token_values_never_in_call_records(session, tokens):
 
 
 @pytest.fixture
-async def echo(tokens) -> AsyncIterator[EchoServer]:
+async def echo(tokens: TokenServer) -> AsyncIterator[EchoServer]:
     server = EchoServer(tokens=tokens)
     await server.start()
     yield server
     await server.aclose()
 
 
-async def a_token(session, tokens) -> str:
+async def a_token(session: aiohttp.ClientSession, tokens: TokenServer) -> str:
     status, body = await call(session, tokens, CC)
     assert status == 200
     token: str = body["access_token"]
     return token
 
 
-async def test_echo_describes_the_request(session, tokens, echo):
+async def test_echo_describes_the_request(
+    session: aiohttp.ClientSession, tokens: TokenServer, echo: EchoServer
+) -> None:
     token = await a_token(session, tokens)
     url = (echo.url / "v4" / "accounts").with_query("a=1&b=two")
     headers = {"Authorization": f"Bearer {token}", "X-Thing": "1"}
@@ -638,7 +676,9 @@ async def test_echo_describes_the_request(session, tokens, echo):
     assert echo.last_request.header("X-THING") == "1"
 
 
-async def test_echo_requires_a_valid_token(session, tokens, echo):
+async def test_echo_requires_a_valid_token(
+    session: aiohttp.ClientSession, tokens: TokenServer, echo: EchoServer
+) -> None:
     for headers in (
         {},
         {"Authorization": "Bearer demo-at-forged"},
@@ -658,7 +698,9 @@ async def test_echo_requires_a_valid_token(session, tokens, echo):
         await open_echo.aclose()
 
 
-async def test_echo_checks_tokens_by_introspection(session, tokens):
+async def test_echo_checks_tokens_by_introspection(
+    session: aiohttp.ClientSession, tokens: TokenServer
+) -> None:
     echo = EchoServer(introspect_url=tokens.introspect_url)
     await echo.start()
     try:
@@ -674,7 +716,9 @@ async def test_echo_checks_tokens_by_introspection(session, tokens):
         await echo.aclose()
 
 
-async def test_echo_special_paths(session, tokens, echo):
+async def test_echo_special_paths(
+    session: aiohttp.ClientSession, tokens: TokenServer, echo: EchoServer
+) -> None:
     auth = {"Authorization": f"Bearer {await a_token(session, tokens)}"}
     async with session.get(
         (echo.url / "api" / "_redirect").with_query(to="https://elsewhere.example/x"),
@@ -692,7 +736,9 @@ async def test_echo_special_paths(session, tokens, echo):
         assert resp.status == 200
 
 
-async def test_echo_401_injection(session, tokens, echo):
+async def test_echo_401_injection(
+    session: aiohttp.ClientSession, tokens: TokenServer, echo: EchoServer
+) -> None:
     first = await a_token(session, tokens)
     second = await a_token(session, tokens)
 
@@ -710,7 +756,9 @@ async def test_echo_401_injection(session, tokens, echo):
     assert echo.unauthorized == 5
 
 
-async def test_echo_streams_big_bodies(session, tokens, echo):
+async def test_echo_streams_big_bodies(
+    session: aiohttp.ClientSession, tokens: TokenServer, echo: EchoServer
+) -> None:
     auth = {"Authorization": f"Bearer {await a_token(session, tokens)}"}
     size = 48 * 1024 * 1024 + 7
     expected = hashlib.sha256()
@@ -739,7 +787,7 @@ async def test_echo_streams_big_bodies(session, tokens, echo):
     assert received == size
 
 
-async def test_echo_reports_client_certificate(session, tls):
+async def test_echo_reports_client_certificate(session: aiohttp.ClientSession, tls: Tls) -> None:
     echo = EchoServer(require_token=False)
     await echo.start(ssl=tls.server)
     try:
@@ -751,7 +799,9 @@ async def test_echo_reports_client_certificate(session, tls):
         await echo.aclose()
 
 
-async def test_echo_gate(session, tokens, echo):
+async def test_echo_gate(
+    session: aiohttp.ClientSession, tokens: TokenServer, echo: EchoServer
+) -> None:
     echo.gate = asyncio.Event()
     auth = {"Authorization": f"Bearer {await a_token(session, tokens)}"}
 
@@ -771,7 +821,7 @@ async def test_echo_gate(session, tokens, echo):
 # -- separate process ------------------------------------------------------------------------
 
 
-async def test_servers_process(session):
+async def test_servers_process(session: aiohttp.ClientSession) -> None:
     argv = ["servers", "--reuse-grace", "5", "--expires-in", "30"]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy.demo", *argv, stdout=asyncio.subprocess.PIPE

@@ -244,8 +244,7 @@ async def test_replica_killed_holding_the_lease(
             gate = asyncio.Event()
             idp.gate = gate
             pending = asyncio.ensure_future(session.get(a.url("/po/x")))
-            while idp.held == 0:
-                await asyncio.sleep(0.01)
+            await idp.wait_held(1)
             a.proc.kill()  # SIGKILL while holding the lease, mid-call
             a.proc.wait(timeout=10)
             with pytest.raises(aiohttp.ClientError):

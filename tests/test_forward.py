@@ -12,18 +12,23 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
 import pytest
 import requests
 import trustme
+from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
+from requests.utils import select_proxy
+from urllib3.connectionpool import ConnectionPool
 
 from proxy.config import parse_config
 from proxy.demo import EchoServer, TokenServer, header_values
@@ -522,33 +527,114 @@ def test_listening_beyond_loopback_without_proxy_auth_warns(
 # -- NO_PROXY: what each client does (documented in the README) --------------------------------
 
 
-async def _client_answer(client: str, url: str) -> str:
-    """'proxy' when authproxy answered (its X-Authproxy-Error header), 'direct' when the client
-    bypassed it (the plain-HTTP echo answers, or the connection fails)."""
-    try:
-        if client == "curl":
-            proc = await asyncio.create_subprocess_exec(
-                "curl", "-s", "-o", "/dev/null", "-D", "-", "--max-time", "10", url,
-                stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            async with asyncio.timeout(20):
-                out, _ = await proc.communicate()
-            return "proxy" if b"x-authproxy-error" in out.lower() else "direct"
-        if client == "requests":
-            r = await asyncio.to_thread(requests.get, url, timeout=10)
-            headers = dict(r.headers)
-        elif client == "httpx":
-            async with httpx.AsyncClient(trust_env=True, timeout=10) as hc:
-                headers = dict((await hc.get(url)).headers)
-        else:
-            async with (
-                aiohttp.ClientSession(trust_env=True) as session,
-                session.get(url) as resp,
-            ):
-                headers = dict(resp.headers)
-    except (requests.ConnectionError, httpx.ConnectError, aiohttp.ClientConnectionError):
-        return "direct"
-    return "proxy" if any(k.lower() == "x-authproxy-error" for k in headers) else "direct"
+class _PinnedResolver(AbstractResolver):
+    """aiohttp's resolver hook: `API_HOST` is 127.0.0.1, without a DNS lookup; nothing else
+    resolves (IP literals, like the proxy's address, never reach a resolver)."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        assert host == API_HOST, f"only {API_HOST} is pinned, not {host}"
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+class _PinnedAdapter(requests.adapters.HTTPAdapter):
+    """requests' transport-adapter hook: a direct (not proxied) call to `API_HOST` connects to
+    127.0.0.1 at the URL's port, without a DNS lookup. Proxied calls are untouched."""
+
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str | None,
+        proxies: Mapping[str, str] | None = None,
+        cert: tuple[str, str] | str | None = None,
+    ) -> ConnectionPool:
+        assert request.url is not None
+        target = urlsplit(request.url)
+        if select_proxy(request.url, proxies) is None:
+            assert target.hostname == API_HOST, f"only {API_HOST} is pinned, not {target}"
+            pool: ConnectionPool = self.poolmanager.connection_from_host(
+                "127.0.0.1", target.port, scheme="http"
+            )
+            return pool
+        return super().get_connection_with_tls_context(request, verify, proxies, cert)
+
+
+async def _answered_by_proxy(client: str, url: str, *, pinned: bool) -> bool:
+    """Call `url` with `client`, its proxy settings from the environment; True when authproxy
+    answered (its X-Authproxy-Error header). A connection error is not an answer: it fails
+    the test. `pinned`: `API_HOST` connects to 127.0.0.1 through each client's own hook (curl
+    `--resolve`, a requests adapter, an aiohttp resolver), so no name is looked up in DNS."""
+    if client == "curl":
+        port = urlsplit(url).port
+        pin = ["--resolve", f"{API_HOST}:{port}:127.0.0.1"] if pinned else []
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-o", "/dev/null", "-D", "-", "--max-time", "10", *pin, url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(20):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, f"curl {url}: {err.decode()}"
+        return b"x-authproxy-error" in out.lower()
+    if client == "requests":
+
+        def get() -> requests.Response:
+            with requests.Session() as s:
+                if pinned:
+                    s.mount("http://", _PinnedAdapter())
+                return s.get(url, timeout=10)
+
+        headers = dict((await asyncio.to_thread(get)).headers)
+    elif client == "httpx":
+        assert not pinned, "httpx has no public resolver hook that keeps its proxy settings"
+        async with httpx.AsyncClient(trust_env=True, timeout=10) as hc:
+            headers = dict((await hc.get(url)).headers)
+    else:
+        connector = aiohttp.TCPConnector(resolver=_PinnedResolver()) if pinned else None
+        async with (
+            aiohttp.ClientSession(trust_env=True, connector=connector) as session,
+            session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp,
+        ):
+            headers = dict(resp.headers)
+    return any(k.lower() == "x-authproxy-error" for k in headers)
+
+
+def _proxy_requests(runtime: Runtime) -> int:
+    """Requests the proxy answered so far (its `authproxy_requests_total`, all labels); it
+    counts a request before its answer is sent."""
+    return sum(
+        int(sample.value)
+        for metric in runtime.metrics.registry.collect()
+        for sample in metric.samples
+        if sample.name == "authproxy_requests_total"
+    )
+
+
+async def _route_taken(
+    client: str, url: str, runtime: Runtime, direct: EchoServer, *, pinned: bool = False
+) -> str:
+    """'proxy' or 'direct', proven on both sides: the side that answered counted exactly
+    this one request, the other none."""
+    proxy_before, direct_before = _proxy_requests(runtime), direct.requests
+    by_proxy = await _answered_by_proxy(client, url, pinned=pinned)
+    seen = (_proxy_requests(runtime) - proxy_before, direct.requests - direct_before)
+    if by_proxy:
+        assert seen == (1, 0), f"{client} {url}: authproxy answered; (proxy, direct) {seen}"
+        return "proxy"
+    assert seen == (0, 1), f"{client} {url}: the direct server answered; (proxy, direct) {seen}"
+    return "direct"
 
 
 @pytest.mark.parametrize("client", ["curl", "requests", "httpx", "aiohttp"])
@@ -557,29 +643,48 @@ async def test_no_proxy_behaviour(
 ) -> None:
     """With the proxy in the environment (curl: http_proxy), none of the four clients skips it
     for loopback by default; NO_PROXY names (exact or as a domain suffix) and `*` make them go
-    direct; `localhost` and `127.0.0.1` are different entries."""
+    direct; `localhost` and `127.0.0.1` are different entries. The direct server is the plain
+    echo on 127.0.0.1; every call is loopback only and counted on both sides."""
     monkeypatch.setenv("http_proxy", proxy_url(fproxy))
     monkeypatch.setenv("HTTP_PROXY", proxy_url(fproxy))
     port = echo_server.url.port
     by_ip, by_name = f"http://127.0.0.1:{port}/x", f"http://localhost:{port}/x"
 
-    assert await _client_answer(client, by_ip) == "proxy"  # no_route: not a configured host
-    assert await _client_answer(client, by_name) == "proxy"
+    async def taken(url: str, *, pinned: bool = False) -> str:
+        return await _route_taken(client, url, fproxy, echo_server, pinned=pinned)
+
+    assert await taken(by_ip) == "proxy"  # no_route: not a configured host
+    assert await taken(by_name) == "proxy"
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    assert await _client_answer(client, by_ip) == "direct"
-    assert await _client_answer(client, by_name) == "proxy"
+    assert await taken(by_ip) == "direct"
+    assert await taken(by_name) == "proxy"
 
     monkeypatch.setenv("NO_PROXY", "localhost")
-    assert await _client_answer(client, by_name) == "direct"
-    assert await _client_answer(client, by_ip) == "proxy"
+    assert await taken(by_name) == "direct"
+    assert await taken(by_ip) == "proxy"
 
     monkeypatch.setenv("NO_PROXY", "*")
-    assert await _client_answer(client, by_ip) == "direct"
+    assert await taken(by_ip) == "direct"
+    assert await taken(by_name) == "direct"
 
-    monkeypatch.setenv("NO_PROXY", "example.test")  # a suffix: api.example.test goes direct
-    assert await _client_answer(client, f"http://{API_HOST}/x") == "direct"
-    assert echo_server.requests >= 3  # the direct calls reached the echo without the proxy
+    # A domain suffix: `example.test` covers api.example.test. The name is pinned to 127.0.0.1
+    # by each client's own hook, so going direct reaches the echo without a DNS lookup.
+    by_suffix = f"http://{API_HOST}:{port}/x"
+    if client == "httpx":
+        # httpx takes proxies from the environment only without a custom transport, so the
+        # name cannot be pinned: its own routing decision is checked instead, no call made.
+        monkeypatch.setenv("NO_PROXY", "other.test")
+        async with httpx.AsyncClient(trust_env=True) as hc:
+            assert hc._transport_for_url(httpx.URL(by_suffix)) is not hc._transport
+        monkeypatch.setenv("NO_PROXY", "example.test")
+        async with httpx.AsyncClient(trust_env=True) as hc:
+            assert hc._transport_for_url(httpx.URL(by_suffix)) is hc._transport
+        return
+    monkeypatch.setenv("NO_PROXY", "other.test")
+    assert await taken(by_suffix, pinned=True) == "proxy"  # the pin alone does not bypass it
+    monkeypatch.setenv("NO_PROXY", "example.test")
+    assert await taken(by_suffix, pinned=True) == "direct"
 
 
 async def test_expect_100_continue_is_answered_by_the_proxy(

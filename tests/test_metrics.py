@@ -28,7 +28,7 @@ from proxy.store_metrics import OPERATIONS, InstrumentedStore
 from proxy.store_redis import RedisStore
 from proxy.store_sqlite import SqliteStore
 from proxy.tlsconfig import certificate_not_after
-from tests.conftest import ProxyFactory, admin_url, proxy_config, proxy_url
+from tests.conftest import CLIENT_SECRET, ProxyFactory, admin_url, proxy_config, proxy_url
 from tests.redis_fixture import RedisServer
 
 # SPEC section 6, plus what issue 8 adds: name (as exposed) -> (type, label names).
@@ -219,7 +219,11 @@ async def test_values_match_what_the_servers_saw(
     proxy: Runtime, http: aiohttp.ClientSession, token_server: TokenServer, echo_server: EchoServer
 ) -> None:
     await seed(http, proxy, "chain", token_server.seed_refresh_token())
-    for i in range(7):
+    # The first echo call fetches the demo token: its expiry is fixed between these two times.
+    before = time.time()
+    assert await status_of(http, proxy_url(proxy, "/echo/n0")) == 200
+    after = time.time()
+    for i in range(1, 7):
         assert await status_of(http, proxy_url(proxy, f"/echo/n{i}")) == 200
     assert await status_of(http, proxy_url(proxy, "/echo/_status/503")) == 503
     assert await status_of(http, proxy_url(proxy, "/echo/x"), method="POST", data=b"hi") == 200
@@ -252,7 +256,8 @@ async def test_values_match_what_the_servers_saw(
         == 1
     )
     expiry = s.value("authproxy_token_expiry_timestamp_seconds", credential="demo")
-    assert time.time() + 250 < expiry <= time.time() + 300
+    # expires_in 300 from the receive time, which lies between `before` and `after`.
+    assert before + 300 <= expiry <= after + 300
     assert s.value("authproxy_credential_state", credential="demo", state="ok") == 1
     assert s.value("authproxy_provider_clock_offset_seconds", credential="demo") == 0
 
@@ -357,7 +362,7 @@ async def test_tls_certificate_expiry_gauge(proxy: Runtime, http: aiohttp.Client
 
 
 async def test_labels_are_bounded_and_never_hold_a_subject_or_token(
-    proxy: Runtime, http: aiohttp.ClientSession, token_server: TokenServer
+    proxy: Runtime, http: aiohttp.ClientSession, token_server: TokenServer, tmp_path: Path
 ) -> None:
     subject = "alice.subject@example.com"
     await seed(http, proxy, "users", token_server.seed_refresh_token(subject), subject=subject)
@@ -381,7 +386,22 @@ async def test_labels_are_bounded_and_never_hold_a_subject_or_token(
         "chain",
         "users",
     }
-    for forbidden in [subject, "nobody-seeded", "unknown-", *token_server.issued_tokens()]:
+    # Every secret the proxy held: tokens issued (access and refresh, the seeded ones too),
+    # the client secret, and the mtls route's private key (each base64 line of its body).
+    key_lines = [
+        ln
+        for ln in (tmp_path / "client.key").read_text().splitlines()
+        if not ln.startswith("-----")
+    ]
+    assert key_lines and len(token_server.issued_tokens()) >= 4  # the scan has work to do
+    for forbidden in [
+        subject,
+        "nobody-seeded",
+        "unknown-",
+        CLIENT_SECRET,
+        *token_server.issued_tokens(),
+        *key_lines,
+    ]:
         assert forbidden not in s.text
 
 
@@ -392,14 +412,21 @@ async def test_readyz_metrics_and_healthz_need_no_admin_token(
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Prometheus scrapes without a token; only /admin is guarded."""
-    monkeypatch.setenv("ADMIN_TOKEN", "adm-token-for-metrics-test")
+    """Prometheus scrapes without a token; only /admin is guarded; /metrics shows neither
+    the admin token nor the client secret."""
+    admin_token = "adm-token-for-metrics-test"
+    monkeypatch.setenv("ADMIN_TOKEN", admin_token)
     rt = await make_proxy(
         proxy_config(token_server, echo_server, admin_token={"env": "ADMIN_TOKEN"})
     )
     for path in ("/metrics", "/healthz", "/readyz"):
         assert await status_of(http, admin_url(rt, path)) == 200
     assert await status_of(http, admin_url(rt, "/admin/credentials")) == 401
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    assert await status_of(http, admin_url(rt, "/admin/credentials"), headers=headers) == 200
+    text = (await scrape(http, rt)).text
+    for secret in (admin_token, CLIENT_SECRET):
+        assert secret not in text
 
 
 # -- InstrumentedStore over real stores ------------------------------------------------

@@ -7,20 +7,18 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from yarl import URL
 
 from proxy.demo import EchoServer, TokenServer, header_values
 from proxy.runtime import Runtime
 from tests.conftest import CLIENT_SECRET, LogCapture, ProxyFactory, proxy_config, proxy_url
+from tests.proxyproc import start_proxy
 from tests.redis_fixture import free_port
 
 
@@ -264,8 +262,10 @@ class _DripUpstream:
         writer.close()
 
 
-def _drip_config(token_server: TokenServer, echo_server: EchoServer, url: str) -> dict[str, Any]:
-    """One route to a `_DripUpstream`, with a 300 ms timeout."""
+def _drip_config(
+    token_server: TokenServer, echo_server: EchoServer, url: str, total: str = "300ms"
+) -> dict[str, Any]:
+    """One route to a `_DripUpstream`, with a `total` timeout (300 ms unless told)."""
     raw = proxy_config(token_server, echo_server)
     raw["routes"] = [
         {
@@ -273,7 +273,7 @@ def _drip_config(token_server: TokenServer, echo_server: EchoServer, url: str) -
             "match": {"prefix": "/drip"},
             "upstream": url,
             "credential": "demo",
-            "timeouts": {"total": "300ms"},
+            "timeouts": {"total": total},
         }
     ]
     return raw
@@ -308,13 +308,16 @@ async def test_a_slow_but_steady_body_is_not_cut_off(
     echo_server: EchoServer,
     client: aiohttp.ClientSession,
 ) -> None:
-    """The route's total timeout bounds each gap of the body, not the whole download: 8 parts
-    0.1 s apart take longer than the 300 ms timeout and still arrive whole."""
-    async with _DripUpstream(400_000, pieces=8, gap=0.1, stall_after=None) as url:
-        rt = await make_proxy(_drip_config(token_server, echo_server, url))
+    """The route's total timeout bounds each gap of the body, not the whole download: 12 parts
+    0.2 s apart (2.2 s of gaps, paced by the upstream) take twice the 1 s timeout and still
+    arrive whole. Each gap is a fifth of the timeout: a wide margin on a loaded machine."""
+    pieces, gap, timeout = 12, 0.2, 1.0
+    assert (pieces - 1) * gap > 2 * timeout  # the upstream's pauses alone outlast the timeout
+    async with _DripUpstream(600_000, pieces=pieces, gap=gap, stall_after=None) as url:
+        rt = await make_proxy(_drip_config(token_server, echo_server, url, total="1s"))
         async with client.get(proxy_url(rt, "/drip/x")) as resp:
             assert resp.status == 200
-            assert await resp.read() == b"z" * 400_000
+            assert await resp.read() == b"z" * 600_000
 
 
 async def test_token_endpoint_down_is_503_with_retry_after(
@@ -418,23 +421,13 @@ async def test_large_bodies_stream_without_buffering(
     echo_server: EchoServer,
     client: aiohttp.ClientSession,
 ) -> None:
-    port, admin = free_port(), free_port()
     raw = proxy_config(token_server, echo_server)
-    raw["listen"] = {"proxy": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{admin}"}
     raw["routes"][0]["max_body"] = "2GiB"
-    path = tmp_path / "stream.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "-c", str(path)], stderr=subprocess.DEVNULL
-    )
+    # Started on free loopback ports; returns once /healthz answers 200, fails loudly if the
+    # process exits or stays unhealthy (bounded wait).
+    p = await start_proxy(client, tmp_path, raw, "stream")
+    proc, port = p.proc, p.port
     try:
-        for _ in range(200):
-            try:
-                async with client.get(f"http://127.0.0.1:{admin}/healthz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
         size = 512 * 1024 * 1024
         got = 0
         async with client.get(f"http://127.0.0.1:{port}/echo/_big?size={size}") as resp:

@@ -446,8 +446,13 @@ async def test_a_closed_store_refuses_work(store: ChainStore) -> None:
         await store.get(KEY)
 
 
-async def test_ping_succeeds_on_a_reachable_store(store: ChainStore) -> None:
+async def test_ping_succeeds_on_a_reachable_store_and_fails_once_closed(
+    store: ChainStore,
+) -> None:
     await store.ping()
+    await store.aclose()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.ping()
 
 
 # -- sqlite specifics ----------------------------------------------------------------------

@@ -114,7 +114,9 @@ def test_key_that_does_not_match_its_certificate(ca: trustme.CA, tmp_path: Path)
         build_context(TlsConfig(cert=one.cert, key=two.key))
 
 
-def test_encrypted_key_with_its_passphrase(ca: trustme.CA, tmp_path: Path, monkeypatch) -> None:
+def test_encrypted_key_with_its_passphrase(
+    ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     enc = write_identity(ca, tmp_path, "enc", password=PASSWORD)
     monkeypatch.setenv("TLS_KEY_PASSWORD", PASSWORD.decode())
     good = TlsConfig(cert=enc.cert, key=enc.key, key_password=SecretRef("env", "TLS_KEY_PASSWORD"))

@@ -346,16 +346,7 @@ class RefreshChainSource:
             token_fingerprint=token.fingerprint() if token else None,
             detail=detail,
         )
-        try:
-            await self.store.add_history(key, ev)
-        except StoreError as exc:
-            event(
-                log,
-                logging.WARNING,
-                "store",
-                f"could not write chain history: {exc}",
-                credential=key.credential,
-            )
+        await _add_history(self.store, key, ev)
 
     async def seed(self, key: ChainKey, refresh_token: Secret) -> ChainRecord:
         """Store the first refresh token of a chain (or replace a dead one)."""
@@ -377,6 +368,12 @@ async def seed_chain(
         token_fingerprint=refresh_token.fingerprint(),
         detail=detail,
     )
+    await _add_history(store, key, ev)
+    return rec
+
+
+async def _add_history(store: ChainStore, key: ChainKey, ev: HistoryEvent) -> None:
+    """History is for people reading `status`: a failed write is logged, never fatal."""
     try:
         await store.add_history(key, ev)
     except StoreError as exc:
@@ -387,7 +384,6 @@ async def seed_chain(
             f"could not write chain history: {exc}",
             credential=key.credential,
         )
-    return rec
 
 
 def _check_state(rec: ChainRecord) -> None:

@@ -108,7 +108,9 @@ def signing_key(cred: CredentialConfig) -> tuple[SigningKey, str]:
     where = cred.private_key.name if cred.private_key.source == "file" else cred.name
     password_ref: SecretRef | None = getattr(cred, "private_key_password", None)
     try:
-        key = parse_private_key(pem.encode(), where, password_ref, "private key")
+        key = parse_private_key(
+            pem.encode(), where, password_ref, "private key", "private_key_password"
+        )
     except TlsError as exc:
         raise InvalidClient("private_key_unusable", str(exc)) from None
     if isinstance(key, rsa.RSAPrivateKey):

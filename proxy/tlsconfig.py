@@ -71,13 +71,13 @@ def load_certificates(path: Path, what: str = "certificate") -> list[x509.Certif
         raise TlsError(f"{what} {path} is not a valid PEM certificate") from None
 
 
-def _password(ref: SecretRef | None) -> bytes | None:
+def _password(ref: SecretRef | None, field: str) -> bytes | None:
     if ref is None:
         return None
     try:
         return ref.resolve().reveal().encode()
     except (OSError, KeyError) as exc:
-        raise TlsError(f"cannot read key_password ({ref.describe()}): {exc}") from None
+        raise TlsError(f"cannot read {field} ({ref.describe()}): {exc}") from None
 
 
 def load_private_key(path: Path, password: SecretRef | None, what: str = "key") -> PrivateKeyTypes:
@@ -86,18 +86,23 @@ def load_private_key(path: Path, password: SecretRef | None, what: str = "key") 
 
 
 def parse_private_key(
-    data: bytes, path: str, password: SecretRef | None, what: str = "key"
+    data: bytes,
+    path: str,
+    password: SecretRef | None,
+    what: str = "key",
+    field_name: str = "key_password",
 ) -> PrivateKeyTypes:
-    """Parse a PEM private key; `path` only names it in errors."""
+    """Parse a PEM private key; `path` only names it in errors, `field_name` is the config
+    key that holds its passphrase (`key_password` in `tls`, `private_key_password` for JWT)."""
     if b"PRIVATE KEY-----" not in data:
         raise TlsError(f"{what} {path} holds no PEM private key")
-    secret = _password(password)
+    secret = _password(password, field_name)
     try:
         return serialization.load_pem_private_key(data, password=secret)
     except TypeError:
         if secret is None:
             raise TlsError(
-                f"{what} {path} is encrypted: give its passphrase as key_password "
+                f"{what} {path} is encrypted: give its passphrase as {field_name} "
                 "({env: NAME} or {file: PATH})"
             ) from None
         # A password for a key that is not encrypted: harmless, load it without.
@@ -107,7 +112,7 @@ def parse_private_key(
             raise TlsError(f"{what} {path} is not a valid PEM private key") from None
     except ValueError:
         if secret is not None and b"ENCRYPTED" in data:
-            raise TlsError(f"key_password does not decrypt {what} {path}") from None
+            raise TlsError(f"{field_name} does not decrypt {what} {path}") from None
         raise TlsError(f"{what} {path} is not a valid PEM private key") from None
     except UnsupportedAlgorithm:
         raise TlsError(f"{what} {path} is not a supported kind of private key") from None
@@ -147,7 +152,7 @@ def load_client_chain(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
     # Read and parse first: OpenSSL's own errors name neither the file nor the cause.
     _read(tls.cert, "certificate")
     load_private_key(key, tls.key_password)
-    password = _password(tls.key_password)
+    password = _password(tls.key_password, "key_password")
     try:
         # A callable password: OpenSSL never prompts on the terminal for an encrypted key.
         ctx.load_cert_chain(tls.cert, tls.key, password=lambda: password or b"")
@@ -366,7 +371,7 @@ def check_private_key(
     path = ref.name if ref.source == "file" else ref.describe()
     try:
         data = ref.resolve().reveal().encode()
-        key = parse_private_key(data, path, password, "private key")
+        key = parse_private_key(data, path, password, "private key", "private_key_password")
     except (OSError, KeyError) as exc:
         return f"cannot read private key ({ref.describe()}): {exc}"
     except TlsError as exc:

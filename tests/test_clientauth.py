@@ -121,6 +121,43 @@ async def test_private_key_jwt_with_an_unregistered_key_is_refused(
     assert token_server.auth_failures["jwt_signature"] == 1
 
 
+async def test_private_key_jwt_with_an_encrypted_key_and_its_password(
+    token_server: TokenServer, pool: SessionPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    password = "key-passphrase-5e1f"
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_file = tmp_path / "encrypted.pem"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(password.encode()),
+        )
+    )
+    token_server.register_jwt_key(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    monkeypatch.setenv("KEY_PASSWORD", password)
+    fields: dict[str, Any] = {
+        "auth_method": "private_key_jwt",
+        "private_key": {"file": str(key_file)},
+    }
+    without = credential(tmp_path, token_server.token_url, **fields)
+    with pytest.raises(InvalidClient) as info:
+        await endpoint(without, pool).client_credentials()
+    assert "private_key_password" in str(info.value)
+    assert not token_server.calls  # refused before any call
+    cred = credential(
+        tmp_path, token_server.token_url, private_key_password={"env": "KEY_PASSWORD"}, **fields
+    )
+    token = (await endpoint(cred, pool).client_credentials()).access_token
+    assert token_server.is_valid(token.value.reveal())
+    assert [c.auth_method for c in token_server.calls] == ["private_key_jwt"]
+    assert password not in str(info.value)
+
+
 def test_a_key_that_cannot_sign_the_algorithm_is_a_clean_error(tmp_path: Path) -> None:
     key_file, _ = write_key(tmp_path, "rsa")
     cred = credential(

@@ -201,7 +201,7 @@ def test_an_encrypted_private_key_has_its_password_key() -> None:
     raw = minimal()
     raw["credentials"]["pay"].update(
         auth_method="private_key_jwt",
-        private_key="-----BEGIN ENCRYPTED PRIVATE KEY-----",  # literal: only the key is checked
+        private_key="not a key: config does not parse it, the first token fetch does",
         private_key_password={"env": "TEST_CLIENT_SECRET"},
     )
     del raw["credentials"]["pay"]["client_secret"]

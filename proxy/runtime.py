@@ -276,13 +276,19 @@ class Runtime:
         """Re-read rotated certificate and secret files; refresh certificate metrics."""
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
-            reloaded = self.sessions.reload_changed()
-            for path in reloaded:
-                event(log, logging.INFO, "tls", "client certificate reloaded", file=path)
-            scrubber().refresh_static()
-            self._users = await asyncio.to_thread(self._read_proxy_users)
-            self._update_cert_metrics()
-            await self.pick_up_seeds()
+            try:
+                await self._maintenance_pass()
+            except Exception:  # one bad pass must not end the loop: the next one tries again
+                log.exception("maintenance pass failed; trying again in %gs", MAINTENANCE_INTERVAL)
+
+    async def _maintenance_pass(self) -> None:
+        reloaded = self.sessions.reload_changed()
+        for path in reloaded:
+            event(log, logging.INFO, "tls", "client certificate reloaded", file=path)
+        scrubber().refresh_static()
+        self._users = await asyncio.to_thread(self._read_proxy_users)
+        self._update_cert_metrics()
+        await self.pick_up_seeds()
 
     async def pick_up_seeds(self) -> list[str]:
         """Chains in reauth_required that were seeded anew behind this process's back

@@ -49,7 +49,7 @@ bench-deps:
 	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || $(call apt,nginx)
 	@command -v wrk >/dev/null 2>&1 || $(call apt,wrk)
 
-# Separate from `make test`: about 15 minutes on 2 CPUs. BENCH_ARGS='--quick' for a smoke run.
+# Separate from `make test`: about 11 minutes on 2 CPUs. BENCH_ARGS='--quick' for a smoke run.
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -75,10 +75,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(
-        f"{path}: OK ({len(config.routes)} routes, {len(config.credentials)} credentials, "
-        f"store {config.store.kind})"
+        f"{path}: OK ({_count(len(config.routes), 'route')}, "
+        f"{_count(len(config.credentials), 'credential')}, store {config.store.kind})"
     )
     return EXIT_OK
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def cmd_run(args: argparse.Namespace) -> int:

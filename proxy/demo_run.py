@@ -14,7 +14,7 @@ from proxy.errors import ConfigError
 from proxy.logs import setup_logging, shutdown_logging
 from proxy.models import ChainKey, Secret
 
-DEMO_CONFIG: Final = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
+DEMO_CONFIG: Final = Path(__file__).resolve().parent / "demo.yaml"  # package data: works installed
 TOKEN_PORT: Final = 9181
 ECHO_PORT: Final = 9182
 DEMO_SECRET: Final = "demo-secret"
@@ -53,10 +53,11 @@ async def _demo(config: object) -> int:
     await echo.start(port=ECHO_PORT)
     runtime = Runtime(config)
     try:
-        await runtime.start()
+        # Seeded before serving, so the proxy never reports the chains as missing.
         await runtime.seed(ChainKey("rotating"), Secret(tokens.seed_refresh_token()))
         for user in ("alice", "bob"):
             await runtime.seed(ChainKey("users", user), Secret(tokens.seed_refresh_token(user)))
+        await runtime.start()
         p, a = runtime.proxy_port, runtime.admin_port
         print(
             f"""

@@ -253,6 +253,11 @@ async def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
     for secret in (DEMO_SECRET, CLIENT_SECRET, *issued):  # CLIENT_SECRET: the tests', unused
         for text in shown:
             assert secret not in text
+    # The chains are seeded before the proxy serves: no state line says one is missing.
+    events = [json.loads(ln) for ln in demo_log.read_text().splitlines() if ln.startswith("{")]
+    assert any(e["event"] == "start" for e in events)
+    states = [e for e in events if e["event"] == "state" and e.get("credential") == "rotating"]
+    assert states == [], states
 
 
 def _echo_answer(output: str) -> dict[str, Any] | None:

@@ -271,7 +271,7 @@ def test_check_exits_2_and_names_every_field(tmp_path: Path) -> None:
 
 
 def test_check_accepts_the_shipped_configs(repo_root: Path) -> None:
-    env_ok = run_cli("check", "-c", str(repo_root / "config" / "demo.yaml"))
+    env_ok = run_cli("check", "-c", str(repo_root / "proxy" / "demo.yaml"))
     # The demo config reads DEMO_CLIENT_SECRET, which `authproxy demo` sets itself.
     assert env_ok.returncode == 2 and "DEMO_CLIENT_SECRET is not set" in env_ok.stderr
 
@@ -291,7 +291,9 @@ def test_config_path_defaults_to_env_then_cwd(
     good = tmp_path / "from-env.yaml"
     good.write_text(yaml.safe_dump(minimal()))
     monkeypatch.setenv("AUTHPROXY_CONFIG", str(good))
-    assert run_cli("check", cwd=tmp_path).returncode == 0
+    ok = run_cli("check", cwd=tmp_path)
+    assert ok.returncode == 0
+    assert f"{good}: OK (1 route, 1 credential, store memory)" in ok.stdout
     monkeypatch.delenv("AUTHPROXY_CONFIG")
     missing = run_cli("check", cwd=tmp_path)
     assert missing.returncode == 2 and "authproxy.yaml" in missing.stderr

@@ -44,7 +44,7 @@ from proxy.tasks import TaskOwner
 
 log = logging.getLogger("authproxy.tokens")
 
-DRAIN_SECONDS: Final = 15.0  # aclose() waits this long for fetches that requests wait on
+DRAIN_SECONDS: Final = 15.0  # aclose() waits this long (or a chain's lease) for fetches
 MIN_REFRESH_INTERVAL: Final = 1.0  # a refresh timer never fires sooner after a fetch
 
 
@@ -250,7 +250,17 @@ class TokenCache:
                 f"the token cache for {key.credential} is shutting down", retry_after=1.0
             ) from None
         self._inflight[key] = task
+        task.add_done_callback(lambda t: self._never_started(key, t, probe))
         return task
+
+    def _never_started(self, key: ChainKey, task: asyncio.Task[AccessToken], probe: bool) -> None:
+        """A fetch cancelled before its first step (an engine closing right after a request
+        started it) never ran `_fetch`'s cleanup: do it here, or the key would look in flight
+        and the breaker's probe taken, forever."""
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+            if probe:
+                self.health[key.credential].breaker.release()
 
     async def _fetch(self, key: ChainKey, reject: AccessToken | None, probe: bool) -> AccessToken:
         PROBE.set(probe)  # this task's own context: the probe makes one call, no retries
@@ -359,16 +369,22 @@ class TokenCache:
             self._metrics.set_state(key.credential, state)
 
     async def aclose(self) -> None:
-        """Stop timers; let fetches that requests are waiting on finish (bounded), then
-        cancel what is left. After a reload, requests in flight on the old pipeline still
-        get their token."""
+        """Stop timers; let every fetch in flight finish (bounded), then cancel what is left.
+
+        Background ones too: a rotation cancelled between the provider's answer and the
+        store write loses the new refresh token (the provider has already revoked the old
+        one). After a reload, requests in flight on the old pipeline still get their token."""
         self._closed = True
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        waited = [task for key, task in self._inflight.items() if self._waiters.get(key)]
-        if waited:
-            _ = await asyncio.wait(waited, timeout=DRAIN_SECONDS)
+        inflight = list(self._inflight.values())
+        if inflight:
+            bound = max(
+                [DRAIN_SECONDS]
+                + [getattr(src, "lease_ttl", 0.0) for src in self._sources.values()]
+            )
+            _ = await asyncio.wait(inflight, timeout=bound)
         await self._owner.aclose()
 
 

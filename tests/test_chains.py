@@ -256,6 +256,73 @@ async def test_cancelled_requests_do_not_cancel_the_rotation(
     assert rec.access_token.value.reveal() in tokens
 
 
+async def test_closing_the_cache_lets_a_background_rotation_finish(
+    store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    """A reload or shutdown while a refresh-ahead rotation waits on the provider: the provider
+    commits it, so the new refresh token must reach the store; with no grace window the old
+    one is dead, and a rotation cancelled there would lose the chain."""
+    server = TokenServer(client_secret=CLIENT_SECRET, expires_in=300, reuse_grace=0)
+    await server.start()
+    try:
+        engine = build(server, store, session, rotation_grace="0s")
+        seed = server.seed_refresh_token("alice")
+        await engine.chain.seed(KEY, Secret(seed))
+        first = await engine.cache.get(KEY)
+        engine.clock.now += 250  # past the refresh time (240 s of 300), still usable
+        server.gate = asyncio.Event()
+        assert engine.cache.get_cached(KEY) is first  # starts the rotation; nobody waits on it
+        await server.wait_held(1)
+        closing = asyncio.ensure_future(engine.cache.aclose())  # its first step runs first
+        server.gate.set()
+        server.gate = None
+        await closing
+        rec = await store.get(KEY)
+        assert rec is not None
+        assert rec.rotating_since is None
+        assert server.rotations["alice"] == 2
+        # The next process carries on with the stored chain.
+        successor = build(server, store, session, rotation_grace="0s")
+        successor.clock.now = engine.clock.now + 100  # the held token has expired
+        token = await successor.cache.get(KEY)
+        assert server.is_valid(token.value.reveal())
+        assert server.invalid_grant == 0 and server.revoked_families == 0
+        await successor.cache.aclose()
+    finally:
+        await server.aclose()
+
+
+async def test_a_reload_while_the_breaker_probes_leaves_it_usable(
+    rotating_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    """The breaker opened on an outage; a request on the old engine starts the probe just as a
+    reload closes that engine. The probe must not stay taken: the new engine gets tokens once
+    the provider is back."""
+    old = build(rotating_server, store, session, timeout="1s")
+    await old.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
+    await old.cache.get(KEY)
+    rotating_server.outage = True
+    old.clock.now += 250  # due: the refresh ahead of expiry fails and opens the breaker
+    assert old.cache.get_cached(KEY) is not None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while old.cache.health["po"].state is not CredentialState.DEGRADED:
+        assert loop.time() < deadline, "the failed refresh never degraded the credential"
+        await asyncio.sleep(0.02)
+    rotating_server.outage = False
+    old.clock.now += 5  # the breaker's cooldown is over
+    new = build(rotating_server, store, session, timeout="1s")
+    new.clock.now = old.clock.now
+    new.cache.adopt(old.cache, {"po"})
+    closing = asyncio.ensure_future(old.cache.aclose())
+    old.cache.get_cached(KEY)  # a request on the old pipeline: it becomes the probe
+    await closing
+    new.clock.now += 100  # the held token has expired
+    token = await new.cache.get(KEY)
+    assert rotating_server.is_valid(token.value.reveal())
+    await new.cache.aclose()
+
+
 @pytest.mark.slow
 async def test_10000_subjects_have_their_own_chains_within_budget(
     rotating_server: TokenServer, session: aiohttp.ClientSession

@@ -38,11 +38,13 @@ from proxy.metrics import Metrics
 from proxy.models import AccessToken, ChainKey, ChainRecord, CredentialState, HistoryEvent, Secret
 from proxy.oauth import TokenEndpoint
 from proxy.store import ChainStore
+from proxy.tasks import alongside
 
 log = logging.getLogger("authproxy.chains")
 
 SHARED_SUBJECT = "\x00shared"
 MAX_CHAIN_MOVES = 3
+MIN_LEASE_TTL = 2.0
 
 
 class _ChainMoved(Exception):
@@ -137,9 +139,12 @@ class RefreshChainSource:
 
     @property
     def lease_ttl(self) -> float:
-        # Longer than one provider call with its retries (bounded by the budget), so a live
-        # holder never loses it; short enough that a dead holder delays the next one little.
-        return self._call_budget + 5.0
+        """The rotation lease. Its holder renews it every third of it while alive, so it need
+        only outlast a stall; when the holder dies, it lapses soon enough for the next holder
+        to retry the interrupted rotation inside the provider's grace window."""
+        ttl = self._call_budget + 5.0
+        grace = self.cred.rotation_grace
+        return min(ttl, max(MIN_LEASE_TTL, grace / 2)) if grace > 0 else ttl
 
     @property
     def _call_budget(self) -> float:
@@ -167,12 +172,32 @@ class RefreshChainSource:
                     assert rec.access_token is not None
                     return rec.access_token
         try:
-            return await self._rotate_under_lease(key, reject)
+            async with alongside(self._keep_lease(key, owner), name=f"lease keeper {key}"):
+                return await self._rotate_under_lease(key, reject)
         finally:
             try:
                 await self.store.release_lease(key, owner)
             except StoreError:
                 pass  # the lease expires by itself
+
+    async def _keep_lease(self, key: ChainKey, owner: str) -> None:
+        """Renew the lease while the rotation runs: a slow provider, a store busy for seconds
+        or a stalled loop must not let another process take the chain mid-rotation."""
+        ttl = self.lease_ttl
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                if not await self.store.acquire_lease(key, owner, ttl):
+                    event(
+                        log,
+                        logging.WARNING,
+                        "rotation",
+                        "the chain's lease lapsed during a rotation",
+                        credential=key.credential,
+                    )
+                    return
+            except StoreError:
+                pass  # unreachable for now: the lease runs until its expiry; try again
 
     async def _read(self, key: ChainKey) -> ChainRecord:
         rec = await self.store.get(key)
@@ -257,9 +282,9 @@ class RefreshChainSource:
             last_refresh_at=now,
             last_error=None,
         )
-        if not await self.store.compare_and_set(new, expected_version=rec.version):
-            # Our lease expired while we waited on the provider and another process moved the
-            # chain. Its write wins; ours is dropped, loudly, so history shows the race.
+        if not await self._write_rotated(key, rec, new):
+            # Another process stored a newer refresh token while our lease had lapsed. Its
+            # write wins; ours is dropped, loudly, so history shows the race.
             await self._history(
                 key,
                 "conflict",
@@ -283,6 +308,33 @@ class RefreshChainSource:
         else:
             await self._history(key, "refresh", "success", new_refresh, "refresh token kept")
         return resp.access_token
+
+    async def _write_rotated(self, key: ChainKey, sent: ChainRecord, new: ChainRecord) -> bool:
+        """Store the rotated chain. The provider has already revoked `sent`'s refresh token, so
+        a store that fails now is retried (bounded by the lease), and a chain that moved
+        without a newer token (only another process's intent or reauth mark, written while our
+        lease had lapsed) still takes ours. False: a newer token is stored; it wins."""
+        deadline = time.monotonic() + self.lease_ttl
+        delay = 0.1
+        expected = sent.version
+        moves = 0
+        while moves <= MAX_CHAIN_MOVES:
+            try:
+                if await self.store.compare_and_set(new, expected_version=expected):
+                    return True
+                current = await self.store.get(key)
+            except StoreError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if current is None or current.refresh_token != sent.refresh_token:
+                return False
+            moves += 1
+            expected = current.version
+            new = replace(new, version=expected + 1)
+        return False
 
     async def _on_invalid_grant(
         self, key: ChainKey, rec: ChainRecord, exc: InvalidGrant, interrupted: str | None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -55,3 +56,17 @@ class TaskOwner:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def alongside(coro: Coroutine[Any, Any, None], *, name: str) -> AsyncIterator[None]:
+    """Run `coro` while the block runs (a lease keeper, say); when the block ends, cancel it
+    and wait until it has stopped, so nothing it does lands after the block's own cleanup."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        _ = await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed", name, exc_info=task.exception())

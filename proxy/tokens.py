@@ -381,8 +381,7 @@ class TokenCache:
         inflight = list(self._inflight.values())
         if inflight:
             bound = max(
-                [DRAIN_SECONDS]
-                + [getattr(src, "lease_ttl", 0.0) for src in self._sources.values()]
+                [DRAIN_SECONDS] + [getattr(src, "lease_ttl", 0.0) for src in self._sources.values()]
             )
             _ = await asyncio.wait(inflight, timeout=bound)
         await self._owner.aclose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sqlite3
 import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -321,6 +322,61 @@ async def test_a_reload_while_the_breaker_probes_leaves_it_usable(
     token = await new.cache.get(KEY)
     assert rotating_server.is_valid(token.value.reveal())
     await new.cache.aclose()
+
+
+async def test_a_live_holder_keeps_its_lease_through_a_slow_provider(
+    rotating_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    """The lease is short (half the grace window, so a dead holder's chain is recovered in
+    time) and renewed while its holder lives: a provider slower than the lease does not let
+    a second process rotate the same chain."""
+    a = build(rotating_server, store, session, rotation_grace="8s")
+    b = build(rotating_server, store, session, rotation_grace="8s")
+    assert a.chain.lease_ttl == 4.0
+    await a.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
+    rotating_server.gate = asyncio.Event()
+    first = asyncio.ensure_future(a.cache.get(KEY))
+    await rotating_server.wait_held(1)
+    second = asyncio.ensure_future(b.cache.get(KEY))
+    await asyncio.sleep(a.chain.lease_ttl * 1.25)  # the provider is slower than the lease
+    assert rotating_server.held == 1  # b did not take the lease and call the provider too
+    rotating_server.gate.set()
+    rotating_server.gate = None
+    token_a, token_b = await first, await second
+    assert token_a.value == token_b.value
+    assert rotating_server.rotations["alice"] == 1
+    assert rotating_server.grace_reuses == 0 and rotating_server.invalid_grant == 0
+
+
+async def test_a_store_locked_at_the_final_write_does_not_lose_the_rotation(
+    rotating_server: TokenServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The provider has rotated (the old refresh token is dead); the store is locked by
+    another writer just then. The write is retried, not dropped."""
+    path = tmp_path / "locked.db"
+    store = SqliteStore(path, busy_timeout=0.2)
+    try:
+        engine = build(rotating_server, store, session)
+        await engine.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
+        rotating_server.gate = asyncio.Event()
+        fetch = asyncio.ensure_future(engine.cache.get(KEY))
+        await rotating_server.wait_held(1)  # the intent is written; the provider holds the call
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        rotating_server.gate.set()
+        rotating_server.gate = None
+        await asyncio.sleep(0.5)  # it holds the lock past the busy timeout (simulated)
+        other.execute("COMMIT")
+        other.close()
+        token = await fetch
+        rec = await store.get(KEY)
+        assert rec is not None and rec.rotating_since is None
+        assert rec.access_token is not None and rec.access_token.value == token.value
+        assert rotating_server.is_valid(token.value.reveal())
+        history = [(h.event, h.outcome) for h in await store.history(KEY, 5)]
+        assert history[0] == ("rotate", "success")
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.slow

@@ -110,12 +110,15 @@ class AccessToken:
 
     @property
     def refresh_at(self) -> float:
-        """80% of the lifetime or 60 s before expiry, whichever is earlier, never before half."""
+        """80% of the lifetime or 60 s before expiry, whichever is earlier, never before half;
+        and while the token is still usable: a skew above a fifth of the lifetime ends its use
+        before 80%, so then the refresh comes at 90% of the usable time (still past half)."""
         life = self.lifetime
         at = min(
             self.issued_at + REFRESH_AT_FRACTION * life, self.expires_at - REFRESH_LEAD_SECONDS
         )
-        return max(at, self.issued_at + MIN_REFRESH_FRACTION * life)
+        at = max(at, self.issued_at + MIN_REFRESH_FRACTION * life)
+        return min(at, self.issued_at + 0.9 * (self.usable_until - self.issued_at))
 
     def usable(self, now: float) -> bool:
         return now < self.usable_until

@@ -18,7 +18,7 @@ from proxy.chains import ClientCredentialsSource
 from proxy.demo import EchoServer, TokenServer
 from proxy.errors import TokenUnavailable
 from proxy.metrics import Metrics
-from proxy.models import ChainKey, CredentialState
+from proxy.models import AccessToken, ChainKey, CredentialState, Secret
 from proxy.oauth import TokenEndpoint
 from proxy.runtime import Runtime
 from proxy.tasks import TaskOwner
@@ -70,6 +70,28 @@ async def poll(predicate: Any, what: str, within: float = 10.0) -> None:
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "skew", "refresh_after", "usable_for"),
+    [
+        (300, 5, 240, 295),  # 80% of the lifetime
+        (3600, 5, 2880, 3595),  # 80% comes before 60 s ahead of expiry
+        (200, 5, 140, 195),  # 60 s before expiry comes first
+        (100, 5, 50, 95),  # never before half the lifetime
+        (1000, 300, 675, 750),  # skew capped at a quarter; then 90% of the usable time
+        (600, 130, 423, 470),  # a large skew: refreshed while still usable
+    ],
+)
+def test_refresh_timing_rules(
+    lifetime: float, skew: float, refresh_after: float, usable_for: float
+) -> None:
+    token = AccessToken(
+        value=Secret("t" * 20), issued_at=1000.0, expires_at=1000.0 + lifetime, skew=skew
+    )
+    assert token.refresh_at == pytest.approx(1000.0 + refresh_after)
+    assert token.usable_until == pytest.approx(1000.0 + usable_for)
+    assert token.refresh_at < token.usable_until
 
 
 async def test_refresh_ahead_of_expiry_without_a_waiting_request(

@@ -354,6 +354,10 @@ class TokenCache:
                 state=state.value,
             )
             return
+        if error is not None and key.subject is not None:
+            # The credential's last error reaches every user's 503s and /admin: not one
+            # user's id (the chain messages name the chain as `credential[subject]`).
+            error = error.replace(str(key), f"{key.credential}[one user's chain]")
         health.last_error = error
         if health.state is not state:
             event(

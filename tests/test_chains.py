@@ -379,6 +379,26 @@ async def test_a_store_locked_at_the_final_write_does_not_lose_the_rotation(
         await store.aclose()
 
 
+async def test_one_users_failure_does_not_show_their_id_to_other_users(
+    rotating_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    """Another process holds alice's lease and never finishes: her fetch fails naming her
+    chain. The credential's last error (in every user's 503 and in /admin) must not."""
+    engine = build(rotating_server, store, session, rotation_grace="4s")
+    await engine.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
+    bob = ChainKey("po", "bob")
+    await engine.chain.seed(bob, Secret(rotating_server.seed_refresh_token("bob")))
+    assert await store.acquire_lease(KEY, "another-process", 60.0)
+    with pytest.raises(TokenUnavailable) as own:
+        await engine.cache.get(KEY)
+    assert "po[alice]" in str(own.value)  # her own answer may name her chain
+    with pytest.raises(TokenUnavailable) as other:
+        await engine.cache.get(bob)  # the breaker is open: the credential's last error
+    last_error = engine.cache.health["po"].last_error
+    assert last_error is not None and "refreshing po[one user's chain]" in last_error
+    assert "alice" not in str(other.value) and "alice" not in last_error
+
+
 @pytest.mark.slow
 async def test_10000_subjects_have_their_own_chains_within_budget(
     rotating_server: TokenServer, session: aiohttp.ClientSession

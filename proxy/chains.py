@@ -157,7 +157,8 @@ class RefreshChainSource:
         if _fresh(rec.access_token, self._clock(), reject):
             assert rec.access_token is not None
             return rec.access_token
-        deadline = time.monotonic() + self.lease_ttl + 5.0
+        # A live holder renews its lease through a whole provider call: wait that long.
+        deadline = time.monotonic() + max(self.lease_ttl, self._call_budget) + 5.0
         while not await self.store.acquire_lease(key, owner, self.lease_ttl):
             remaining = deadline - time.monotonic()
             if remaining <= 0:

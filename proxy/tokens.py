@@ -301,8 +301,11 @@ class TokenCache:
             message = f"internal error ({type(exc).__name__})"
             log.error("unexpected failure fetching a token for %s", key.credential, exc_info=exc)
         self._set_state(key, CredentialState.DEGRADED, message)
-        if key.subject is None:
-            # Keep trying in the background (when the breaker lets the probe through).
+        if key.subject is None or (isinstance(exc, TokenEndpointError) and not exc.permanent):
+            # Keep trying in the background (when the breaker lets the probe through). A user's
+            # chain too, after a failure whose outcome is unknown: the provider may have rotated
+            # it and lost the answer, and only a retry inside its grace window recovers that,
+            # whether or not the user comes back in time.
             self._schedule(key, health.breaker.retry_after(now))
         held = self._held(key)
         if (
@@ -319,8 +322,9 @@ class TokenCache:
         ) from exc
 
     def _schedule(self, key: ChainKey, delay: float) -> None:
-        """Fetch `key` in the background after `delay` (credential-level tokens only:
-        idle per-user chains are not rotated for nothing)."""
+        """Fetch `key` in the background after `delay`: credential-level tokens, and per-user
+        chains only to recover a failed rotation (idle users' chains are not rotated for
+        nothing)."""
         if self._closed:
             return
         old = self._timers.pop(key, None)

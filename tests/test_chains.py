@@ -399,6 +399,33 @@ async def test_one_users_failure_does_not_show_their_id_to_other_users(
     assert "alice" not in str(other.value) and "alice" not in last_error
 
 
+async def test_a_users_lost_rotation_is_recovered_without_the_user(
+    rotating_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    """The provider rotates alice's chain and every answer is lost; alice does not come back.
+    A background retry inside the grace window gets the same new pair before the old token's
+    reuse would revoke the family."""
+    engine = build(rotating_server, store, session, timeout="2s")
+    seed = rotating_server.seed_refresh_token("alice")
+    await engine.chain.seed(KEY, Secret(seed))
+    rotating_server.fail_next(None, FaultKind.DROP_AFTER_COMMIT)
+    with pytest.raises(TokenUnavailable):
+        await engine.cache.get(KEY)
+    assert rotating_server.rotations["alice"] == 1  # committed at the provider, answer lost
+    reuses = rotating_server.grace_reuses
+    rotating_server.clear_faults()
+    engine.clock.now += 60  # past the breaker's cooldown; no request from alice
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while (rec := await store.get(KEY)) is not None and rec.refresh_token.reveal() == seed:
+        assert loop.time() < deadline, "the lost rotation was not recovered in the background"
+        await asyncio.sleep(0.05)
+    assert rec is not None and rec.state is CredentialState.OK and rec.rotating_since is None
+    assert rotating_server.grace_reuses > reuses  # the same new pair, from the grace window
+    assert rotating_server.rotations["alice"] == 1 and rotating_server.invalid_grant == 0
+    await engine.cache.aclose()
+
+
 @pytest.mark.slow
 async def test_10000_subjects_have_their_own_chains_within_budget(
     rotating_server: TokenServer, session: aiohttp.ClientSession

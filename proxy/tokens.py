@@ -250,17 +250,17 @@ class TokenCache:
                 f"the token cache for {key.credential} is shutting down", retry_after=1.0
             ) from None
         self._inflight[key] = task
-        task.add_done_callback(lambda t: self._never_started(key, t, probe))
+        task.add_done_callback(lambda t: self._fetch_done(key, t, probe))
         return task
 
-    def _never_started(self, key: ChainKey, task: asyncio.Task[AccessToken], probe: bool) -> None:
-        """A fetch cancelled before its first step (an engine closing right after a request
-        started it) never ran `_fetch`'s cleanup: do it here, or the key would look in flight
-        and the breaker's probe taken, forever."""
+    def _fetch_done(self, key: ChainKey, task: asyncio.Task[AccessToken], probe: bool) -> None:
+        """However the fetch ended (also cancelled before its first step, by an engine closing
+        right after a request started it), the key is no longer in flight and the breaker's
+        probe is free again."""
         if self._inflight.get(key) is task:
             del self._inflight[key]
-            if probe:
-                self.health[key.credential].breaker.release()
+        if probe:
+            self.health[key.credential].breaker.release()
 
     async def _fetch(self, key: ChainKey, reject: AccessToken | None, probe: bool) -> AccessToken:
         PROBE.set(probe)  # this task's own context: the probe makes one call, no retries
@@ -272,10 +272,6 @@ class TokenCache:
             raise
         except Exception as exc:  # any failure must become an answer, never a 500
             return self._failed(key, reject, exc)
-        finally:
-            self._inflight.pop(key, None)
-            if probe:
-                health.breaker.release()  # cancelled or reauth: let the next caller probe
         now = self._clock()
         self._store_token(key, token)
         health.breaker.success()

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -22,7 +22,7 @@ from proxy.config import Config, CredentialConfig, load_config
 from proxy.errors import ConfigError, StoreError
 from proxy.logs import event, scrubber
 from proxy.metrics import Metrics
-from proxy.models import ChainKey, CredentialState, Secret, rfc3339
+from proxy.models import ChainKey, ChainRecord, CredentialState, Secret, rfc3339
 from proxy.oauth import TokenEndpoint
 from proxy.pipeline import Pipeline
 from proxy.routing import Router
@@ -297,33 +297,38 @@ class Runtime:
         held nothing else would look at the store before its refresh time."""
         revived: list[str] = []
         tokens = self.engine.tokens
-        for name, cred in self.config.credentials.items():
-            if cred.grant != "refresh_token" or cred.subject_header:
-                continue
+
+        def needs_seed(name: str) -> bool:
             health = tokens.health.get(name)
-            if health is None or health.state is not CredentialState.REAUTH_REQUIRED:
+            return health is not None and health.state is CredentialState.REAUTH_REQUIRED
+
+        async for key, rec in self._stored_chains(needs_seed):
+            if rec is not None and rec.state is CredentialState.OK:
+                tokens.forget(key)
+                tokens.mark_seeded(key)
+                revived.append(key.credential)
+        return revived
+
+    async def _stored_chains(
+        self, wanted: Callable[[str], bool] = lambda _: True
+    ) -> AsyncIterator[tuple[ChainKey, ChainRecord | None]]:
+        """The credential-level refresh-token chains (of `wanted` credentials) as stored; a
+        store that cannot answer skips them (/readyz reports it)."""
+        for name, cred in self.config.credentials.items():
+            if cred.grant != "refresh_token" or cred.subject_header or not wanted(name):
                 continue
             key = ChainKey(name)
             try:
                 rec = await self.store.get(key)
             except StoreError:
-                continue  # /readyz reports the store
-            if rec is not None and rec.state is CredentialState.OK:
-                tokens.forget(key)
-                tokens.mark_seeded(key)
-                revived.append(name)
-        return revived
+                continue
+            yield key, rec
 
     async def _sync_chain_states(self) -> None:
         """Unseeded or refused chains show as reauth_required from the start (metric, /admin,
         alerts), not only once a request has tried them."""
-        for name, cred in self.config.credentials.items():
-            if cred.grant != "refresh_token" or cred.subject_header:
-                continue
-            try:
-                rec = await self.store.get(ChainKey(name))
-            except StoreError:
-                continue  # /readyz reports the store
+        async for key, rec in self._stored_chains():
+            name = key.credential
             if rec is None:
                 self.engine.tokens.note_state(
                     name,

@@ -330,6 +330,10 @@ class RefreshChainSource:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
+            if current is not None and _is_our_write(current, new):
+                # The write ran but its answer was lost (a dropped connection, a timeout), and
+                # the driver's or our own retry then found the chain already moved: by us.
+                return True
             if current is None or current.refresh_token != sent.refresh_token:
                 return False
             moves += 1
@@ -448,3 +452,14 @@ def _check_state(rec: ChainRecord) -> None:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _is_our_write(current: ChainRecord, new: ChainRecord) -> bool:
+    """`current` is the record `new` as written: same version, same refresh token and the same
+    freshly issued access token (no other writer can hold that one)."""
+    return (
+        current.version == new.version
+        and current.refresh_token == new.refresh_token
+        and current.access_token is not None
+        and current.access_token == new.access_token
+    )

@@ -9,6 +9,7 @@ that need it fail, unless AUTHPROXY_TEST_SKIP_REDIS=1 turns that into a skip.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import socket
@@ -146,3 +147,80 @@ def redis_url(redis_server: RedisServer) -> str:
     """The session server's URL, restarted first if an earlier test left it stopped."""
     redis_server.start()
     return redis_server.url
+
+
+class ReplyLosingRelay:
+    """A TCP relay on loopback in front of a real redis-server. `lose_reply(sha, nth)` arms it:
+    the nth EVALSHA of that script still reaches Redis and runs, but its reply is thrown away
+    and the client's connection closed, as when a connection drops after a write committed.
+    `lost` is set once that happened."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.port = 0
+        self.lost = asyncio.Event()
+        self._sha = b""
+        self._countdown = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def lose_reply(self, script: str, nth: int) -> None:
+        self._sha = hashlib.sha1(script.encode()).hexdigest().encode()  # noqa: S324 - Redis's id
+        self._countdown = nth
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _client(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        r_reader, r_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self._writers += [c_writer, r_writer]
+        lose = asyncio.Event()  # set once the armed command went to Redis
+
+        async def upstream() -> None:
+            while chunk := await _read(c_reader):
+                if self._countdown and self._sha in chunk:
+                    self._countdown -= 1
+                    if self._countdown == 0:
+                        lose.set()
+                r_writer.write(chunk)
+            r_writer.close()
+
+        async def downstream() -> None:
+            while chunk := await _read(r_reader):
+                if lose.is_set():  # the armed command's reply: Redis has run it; drop both
+                    c_writer.close()
+                    r_writer.close()
+                    self.lost.set()
+                    return
+                c_writer.write(chunk)
+            c_writer.close()
+
+        for coro in (upstream(), downstream()):
+            task = asyncio.ensure_future(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+async def _read(reader: asyncio.StreamReader) -> bytes:
+    """The next bytes, or b"" once either side has gone (a closed relay ends quietly)."""
+    try:
+        return await reader.read(65536)
+    except (ConnectionError, OSError):
+        return b""

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import sqlite3
 import tracemalloc
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,13 @@ from proxy.models import ChainKey, CredentialState, Secret
 from proxy.oauth import TokenEndpoint
 from proxy.store import ChainStore
 from proxy.store_memory import MemoryStore
+from proxy.store_redis import _SET_IF_VERSION, RedisStore
 from proxy.store_sqlite import SqliteStore
 from proxy.tokens import TokenCache
 from tests.conftest import CLIENT_SECRET
+from tests.redis_fixture import ReplyLosingRelay, redis_url
+
+__all__ = ["redis_url"]  # a fixture used here, imported for pytest
 
 
 class Clock:
@@ -377,6 +383,44 @@ async def test_a_store_locked_at_the_final_write_does_not_lose_the_rotation(
         assert history[0] == ("rotate", "success")
     finally:
         await store.aclose()
+
+
+async def test_a_final_write_that_committed_but_lost_its_answer_is_not_a_lost_race(
+    rotating_server: TokenServer,
+    session: aiohttp.ClientSession,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis runs the rotation's final write, then the connection drops before its answer
+    arrives. redis-py sends the write again, which now finds the chain at the new version and
+    refuses. That is our own write: a success, not another process winning a race."""
+    relay = ReplyLosingRelay(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    await relay.start()
+    store = RedisStore(relay.url, key_prefix=f"lost-answer-{uuid.uuid4().hex[:8]}")
+    try:
+        engine = build(rotating_server, store, session)
+        seed = rotating_server.seed_refresh_token("alice")
+        await engine.chain.seed(KEY, Secret(seed))
+        relay.lose_reply(_SET_IF_VERSION, nth=2)  # the 1st is the intent, the 2nd the result
+        token = await engine.cache.get(KEY)
+        assert relay.lost.is_set()
+        rec = await store.get(KEY)
+        assert rec is not None and rec.state is CredentialState.OK and rec.rotating_since is None
+        assert rec.access_token is not None and rec.access_token.value == token.value
+        assert rec.refresh_token.reveal() != seed
+        assert rotating_server.is_valid(token.value.reveal())
+        history = [(h.event, h.outcome) for h in await store.history(KEY, 5)]
+        assert history[0] == ("rotate", "success")
+        assert ("conflict", "lost_race") not in history
+        rotations = engine.metrics.registry.get_sample_value(
+            "authproxy_refresh_token_rotations_total", {"credential": "po"}
+        )
+        assert rotations == 1
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        await engine.cache.aclose()
+        await store.aclose()
+        await relay.aclose()
 
 
 async def test_one_users_failure_does_not_show_their_id_to_other_users(

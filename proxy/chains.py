@@ -238,13 +238,22 @@ class RefreshChainSource:
                 rotating_pid=self._pid,
                 updated_at=now,
             )
-            if not await self.store.compare_and_set(intent, expected_version=rec.version):
+            if not await self._intent_written(key, intent, rec.version):
                 continue  # the chain moved under us (an expired lease): read again
             try:
                 return await self._call_provider(key, intent, interrupted)
             except _ChainMoved:
                 continue  # invalid_grant, but a newer token was stored meanwhile: use it
         raise TokenUnavailable(f"the chain {key} keeps moving; try again", retry_after=1.0)
+
+    async def _intent_written(self, key: ChainKey, intent: ChainRecord, expected: int) -> bool:
+        if await self.store.compare_and_set(intent, expected_version=expected):
+            return True
+        # Refused: another writer moved the chain, or the write ran and only its answer was
+        # lost (the driver's retry then found our own intent). Ours must not read as a rotation
+        # that some process began and never finished.
+        current = await self.store.get(key)
+        return current is not None and _is_our_write(current, intent)
 
     async def _call_provider(
         self, key: ChainKey, rec: ChainRecord, interrupted: str | None
@@ -454,12 +463,14 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _is_our_write(current: ChainRecord, new: ChainRecord) -> bool:
-    """`current` is the record `new` as written: same version, same refresh token and the same
-    freshly issued access token (no other writer can hold that one)."""
+def _is_our_write(current: ChainRecord, written: ChainRecord) -> bool:
+    """`current` is `written` as this process wrote it. An intent is told apart by its pid and
+    timestamp, a result by the access token the provider just issued: no other writer holds
+    either."""
     return (
-        current.version == new.version
-        and current.refresh_token == new.refresh_token
-        and current.access_token is not None
-        and current.access_token == new.access_token
+        current.version == written.version
+        and current.refresh_token == written.refresh_token
+        and current.rotating_since == written.rotating_since
+        and current.rotating_pid == written.rotating_pid
+        and current.access_token == written.access_token
     )

@@ -385,15 +385,18 @@ async def test_a_store_locked_at_the_final_write_does_not_lose_the_rotation(
         await store.aclose()
 
 
-async def test_a_final_write_that_committed_but_lost_its_answer_is_not_a_lost_race(
+@pytest.mark.parametrize("write", ["intent", "result"])
+async def test_a_write_that_ran_but_lost_its_answer_is_not_a_race_or_an_interruption(
+    write: str,
     rotating_server: TokenServer,
     session: aiohttp.ClientSession,
     redis_url: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Redis runs the rotation's final write, then the connection drops before its answer
-    arrives. redis-py sends the write again, which now finds the chain at the new version and
-    refuses. That is our own write: a success, not another process winning a race."""
+    """Redis runs one of the rotation's writes (the intent before the provider call, or the
+    result after it), then the connection drops before the answer arrives. redis-py sends the
+    write again, which now finds the chain at the new version and refuses. That is our own
+    write: not another process winning a race, nor a rotation left unfinished."""
     relay = ReplyLosingRelay(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
     await relay.start()
     store = RedisStore(relay.url, key_prefix=f"lost-answer-{uuid.uuid4().hex[:8]}")
@@ -401,7 +404,7 @@ async def test_a_final_write_that_committed_but_lost_its_answer_is_not_a_lost_ra
         engine = build(rotating_server, store, session)
         seed = rotating_server.seed_refresh_token("alice")
         await engine.chain.seed(KEY, Secret(seed))
-        relay.lose_reply(_SET_IF_VERSION, nth=2)  # the 1st is the intent, the 2nd the result
+        relay.lose_reply(_SET_IF_VERSION, nth=1 if write == "intent" else 2)
         token = await engine.cache.get(KEY)
         assert relay.lost.is_set()
         rec = await store.get(KEY)
@@ -412,6 +415,8 @@ async def test_a_final_write_that_committed_but_lost_its_answer_is_not_a_lost_ra
         history = [(h.event, h.outcome) for h in await store.history(KEY, 5)]
         assert history[0] == ("rotate", "success")
         assert ("conflict", "lost_race") not in history
+        assert ("interrupted", "unknown") not in history
+        assert rotating_server.rotations["alice"] == 1
         rotations = engine.metrics.registry.get_sample_value(
             "authproxy_refresh_token_rotations_total", {"credential": "po"}
         )

@@ -144,6 +144,11 @@ class Scrubber(logging.Filter):
             while len(bucket) > self._max_tokens:
                 bucket.popitem(last=False)
 
+    @property
+    def generation(self) -> int:
+        """Bumped whenever a secret is added: results computed before then may be stale."""
+        return self._generation
+
     def scrub_cached(self, text: str) -> str:
         """`scrub(text)`, remembered for texts seen before while no secret was added since."""
         generation = self._generation
@@ -332,6 +337,7 @@ class _Writer:
         self._queue = q
         self._stream = stream
         self._formatter = JsonFormatter()
+        self._parts: dict[tuple[str | None, str, str, str | None], tuple[int, str, str]] = {}
         self._thread = threading.Thread(target=self._run, name="authproxy-log-writer", daemon=True)
 
     def start(self) -> None:
@@ -376,17 +382,38 @@ class _Writer:
             created, route, method, target, status, seconds, request_id, generated, credential = (
                 item
             )
-            scrub = _SCRUBBER.scrub_cached
+            head, tail = self._access_parts(route, method, target, credential)
             # What json.dumps(..., separators=(",", ":")) writes for these fields, built directly.
             return (
-                f'{{"ts":"{_iso(created)}","level":"info","event":"access",'
-                f'"route":{_json_str(route, scrub)},"method":{_json_str(method, scrub)},'
-                f'"path":{_json_str(loggable_target(target), scrub)},"status":{int(status)},'
+                f'{{"ts":"{_iso(created)}",{head}{int(status)},'
                 f'"duration_ms":{round(seconds * 1000, 2)!r},'
-                f'"request_id":{_json_str(request_id, None if generated else _SCRUBBER.scrub)},'
-                f'"credential":{_json_str(credential, scrub)}}}\n'
+                f'"request_id":{_json_str(request_id, None if generated else _SCRUBBER.scrub)}'
+                f"{tail}"
             )
         return self._formatter.format(item) + "\n"
+
+    def _access_parts(
+        self, route: str | None, method: str, target: str, credential: str | None
+    ) -> tuple[str, str]:
+        """The redacted, scrubbed text around an access line's per-request fields. Requests
+        repeat routes, methods and paths, so it is built once per such combination and kept
+        until the next secret is registered (which could change what must be scrubbed)."""
+        key = (route, method, target, credential)
+        generation = _SCRUBBER.generation
+        hit = self._parts.get(key)
+        if hit is not None and hit[0] == generation:
+            return hit[1], hit[2]
+        scrub = _SCRUBBER.scrub_cached
+        head = (
+            f'"level":"info","event":"access","route":{_json_str(route, scrub)},'
+            f'"method":{_json_str(method, scrub)},'
+            f'"path":{_json_str(loggable_target(target), scrub)},"status":'
+        )
+        tail = f',"credential":{_json_str(credential, scrub)}}}\n'
+        if len(self._parts) >= _SCRUB_CACHE_MAX:
+            self._parts.clear()
+        self._parts[key] = (generation, head, tail)
+        return head, tail
 
 
 _ACCESS_LOG: Final = logging.getLogger("authproxy.access")

@@ -623,3 +623,26 @@ def test_access_lines_are_json_and_a_new_secret_invalidates_cached_scrubs() -> N
     assert second["path"] == "/api/x?access_token=[REDACTED]"  # by the parameter's name
     assert second["request_id"] == REDACTED  # a caller's request id is scrubbed too
     assert token not in stream.getvalue()
+
+
+def test_an_access_line_built_before_a_token_was_learnt_is_rebuilt_after() -> None:
+    """The writer keeps each (route, method, path, credential) combination's formatted text;
+    a token registered after that must still be redacted from the next such line."""
+    import io
+    import queue
+
+    token = "tst-late-" + "D" * 24
+    writer = logs._Writer(queue.SimpleQueue(), io.StringIO())
+    line = logs._Access((0.0, "api", "GET", f"/items/{token}", 200, 0.01, "ab12", True, "cred"))
+    before = json.loads(writer._line(line))
+    assert before["path"] == f"/items/{token}"  # not a secret yet
+    scrubber().add_token(token)
+    after = json.loads(writer._line(line))
+    assert after["path"] == "/items/[REDACTED]"
+    assert {k: after[k] for k in ("event", "route", "method", "status", "credential")} == {
+        "event": "access",
+        "route": "api",
+        "method": "GET",
+        "status": 200,
+        "credential": "cred",
+    }

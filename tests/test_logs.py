@@ -639,10 +639,6 @@ def test_an_access_line_built_before_a_token_was_learnt_is_rebuilt_after() -> No
     scrubber().add_token(token)
     after = json.loads(writer._line(line))
     assert after["path"] == "/items/[REDACTED]"
-    assert {k: after[k] for k in ("event", "route", "method", "status", "credential")} == {
-        "event": "access",
-        "route": "api",
-        "method": "GET",
-        "status": 200,
-        "credential": "cred",
-    }
+    del before["path"], after["path"]
+    assert after == before  # every other field as it was
+    assert (after["event"], after["route"], after["status"]) == ("access", "api", 200)

@@ -150,7 +150,7 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 class ReplyLosingRelay:
-    """A TCP relay on loopback in front of a real redis-server. `lose_reply(sha, nth)` arms it:
+    """A TCP relay on loopback in front of a real redis-server. `lose_reply(script, nth)` arms it:
     the nth EVALSHA of that script still reaches Redis and runs, but its reply is thrown away
     and the client's connection closed, as when a connection drops after a write committed.
     `lost` is set once that happened."""

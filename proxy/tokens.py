@@ -150,6 +150,11 @@ class TokenCache:
         now = self._clock()
         breaker = self.health[key.credential].breaker
         task = self._inflight.get(key)
+        if task is not None and task.done():
+            # It ended in this loop step and its cleanup runs next. Its answer is not for us:
+            # a success is held already (get_cached would have served it), a stale token has
+            # expired since. `_start` replaces the entry; the cleanup leaves a successor alone.
+            task = None
         if task is None:
             if not breaker.acquire(now):
                 raise TokenUnavailable(

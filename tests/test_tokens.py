@@ -6,6 +6,7 @@ demo token server, with an injected clock (a plain callable, not a patch)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -146,6 +147,40 @@ async def test_stale_if_error_then_breaker_then_recovery(
         assert cache.health["demo"].state is CredentialState.OK
         assert cache.health["demo"].breaker.closed
     finally:
+        await cache.aclose()
+
+
+async def test_a_request_in_the_step_a_failed_fetch_ends_gets_no_expired_token(
+    token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
+    """A background refresh fails and answers with the stale token (stale-if-error). A
+    request that reaches the cache in the same loop step, before the fetch's cleanup has run
+    and after the token expired, must not be handed that finished fetch's stale answer."""
+    clock = Clock()
+    cache, _ = build(token_server, session, clock)
+    late: list[asyncio.Task[AccessToken]] = []
+
+    class ArriveAsTheFetchFails(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            # Runs inside the fetch's last step: the token expires and a request comes in.
+            if not late and record.levelno >= logging.WARNING and "unavailable" in record.msg:
+                clock.now = first.usable_until + 0.01
+                late.append(asyncio.ensure_future(cache.get(KEY)))
+
+    handler = ArriveAsTheFetchFails()
+    tokens_log = logging.getLogger("authproxy.tokens")
+    tokens_log.addHandler(handler)
+    try:
+        first = await cache.get(KEY)
+        token_server.outage = True
+        clock.now = first.refresh_at + 0.1  # due: the refresh runs behind this request
+        assert (await cache.get(KEY)) is first
+        await poll(lambda: bool(late), "the failed refresh")
+        with pytest.raises(TokenUnavailable) as info:
+            await late[0]
+        assert info.value.retry_after is not None and info.value.retry_after >= 1
+    finally:
+        tokens_log.removeHandler(handler)
         await cache.aclose()
 
 

@@ -47,6 +47,20 @@ MAX_CHAIN_MOVES = 3
 MIN_LEASE_TTL = 2.0
 
 
+def lease_ttl(cred: CredentialConfig) -> float:
+    """A chain's rotation lease. Its holder renews it every third of it while alive, so it need
+    only outlast a stall; when the holder dies, it lapses soon enough for the next holder to
+    retry the interrupted rotation inside the provider's grace window."""
+    ttl = _call_budget(cred) + 5.0
+    grace = cred.rotation_grace
+    return min(ttl, max(MIN_LEASE_TTL, grace / 2)) if grace > 0 else ttl
+
+
+def _call_budget(cred: CredentialConfig) -> float:
+    grace = cred.rotation_grace
+    return min(cred.timeout, grace * 0.8) if grace > 0 else cred.timeout
+
+
 class _ChainMoved(Exception):
     """The provider refused our token because the chain moved on without us: read it again."""
 
@@ -139,17 +153,11 @@ class RefreshChainSource:
 
     @property
     def lease_ttl(self) -> float:
-        """The rotation lease. Its holder renews it every third of it while alive, so it need
-        only outlast a stall; when the holder dies, it lapses soon enough for the next holder
-        to retry the interrupted rotation inside the provider's grace window."""
-        ttl = self._call_budget + 5.0
-        grace = self.cred.rotation_grace
-        return min(ttl, max(MIN_LEASE_TTL, grace / 2)) if grace > 0 else ttl
+        return lease_ttl(self.cred)
 
     @property
     def _call_budget(self) -> float:
-        grace = self.cred.rotation_grace
-        return min(self.cred.timeout, grace * 0.8) if grace > 0 else self.cred.timeout
+        return _call_budget(self.cred)
 
     async def fetch(self, key: ChainKey, *, reject: AccessToken | None) -> AccessToken:
         owner = _owner_id()

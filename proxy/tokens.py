@@ -23,7 +23,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -389,11 +389,15 @@ class TokenCache:
         self._timers.clear()
         inflight = list(self._inflight.values())
         if inflight:
-            bound = max(
-                [DRAIN_SECONDS] + [getattr(src, "lease_ttl", 0.0) for src in self._sources.values()]
-            )
+            bound = drain_bound(getattr(src, "lease_ttl", 0.0) for src in self._sources.values())
             _ = await asyncio.wait(inflight, timeout=bound)
         await self._owner.aclose()
+
+
+def drain_bound(lease_ttls: Iterable[float]) -> float:
+    """How long closing a cache may wait for its fetches: a rotation in flight holds its chain's
+    lease, so it may take that long."""
+    return max([DRAIN_SECONDS, *lease_ttls])
 
 
 def _describe(exc: BaseException) -> str:

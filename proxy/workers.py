@@ -19,8 +19,10 @@ import time
 from types import FrameType
 from typing import Final
 
+from proxy.chains import lease_ttl
 from proxy.config import Config
 from proxy.logs import event
+from proxy.tokens import drain_bound
 
 log = logging.getLogger("authproxy.workers")
 
@@ -94,7 +96,7 @@ def supervise(config: Config) -> int:
                 time.sleep(delay)
                 start(index)
             time.sleep(0.2)
-        return _stop_all(workers, config.shutdown_grace + 5.0)
+        return _stop_all(workers, shutdown_bound(config))
     finally:
         for proc in workers.values():
             if proc.poll() is None:
@@ -102,6 +104,14 @@ def supervise(config: Config) -> int:
                 proc.wait()
         if own_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def shutdown_bound(config: Config) -> float:
+    """How long a worker may take to stop: its requests drain (`shutdown_grace`), then the
+    token fetches in flight finish (a rotation cut short by SIGKILL may lose its chain), then
+    the store closes. The supervisor kills a worker only after this."""
+    leases = (lease_ttl(c) for c in config.credentials.values() if c.grant == "refresh_token")
+    return config.shutdown_grace + drain_bound(leases) + 5.0
 
 
 def _ignore_sighup() -> None:

@@ -95,3 +95,10 @@ def stop_processes(procs: list[ProxyProcess], timeout: float = 30.0) -> list[int
             p.proc.kill()
             codes.append(p.proc.wait())
     return codes
+
+
+async def astop_processes(procs: list[ProxyProcess], timeout: float = 30.0) -> list[int]:
+    """`stop_processes` off the event loop: the loop keeps serving the test's own token server
+    and upstreams, which a proxy may still call while it shuts down (a refresh in flight is
+    let finish)."""
+    return await asyncio.to_thread(stop_processes, procs, timeout)

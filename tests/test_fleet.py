@@ -15,7 +15,7 @@ import pytest
 
 from proxy.demo import EchoServer, TokenServer
 from tests.conftest import CLIENT_SECRET
-from tests.proxyproc import ProxyProcess, start_proxy, stop_processes
+from tests.proxyproc import ProxyProcess, astop_processes, start_proxy
 from tests.redis_fixture import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -163,7 +163,7 @@ async def test_replicas_with_workers_rotate_each_chain_once_per_expiry(
             pids = {h["pid"] for h in creds["po"]["history"] if h["event"] == "rotate"}
             assert len(pids) >= 2, "all rotations came from one worker; the storm was not shared"
         finally:
-            codes = stop_processes(replicas)
+            codes = await astop_processes(replicas)
         assert codes == [0, 0]
 
 
@@ -224,7 +224,7 @@ async def test_redis_killed_and_restarted_under_load(
                 assert resp.status == 200
             assert idp.invalid_grant == 0
         finally:
-            stop_processes([p])
+            await astop_processes([p])
 
 
 async def test_replica_killed_holding_the_lease(
@@ -257,7 +257,7 @@ async def test_replica_killed_holding_the_lease(
             assert idp.invalid_grant == 0
             assert idp.grace_reuses == 1
         finally:
-            stop_processes([a, b])
+            await astop_processes([a, b])
 
 
 async def test_share_true_fetches_one_token_per_lifetime_for_the_fleet(
@@ -291,4 +291,4 @@ async def test_share_true_fetches_one_token_per_lifetime_for_the_fleet(
             # One fetch per lifetime for the whole fleet, not one per replica.
             assert fetched <= len(used) + 1
         finally:
-            stop_processes(replicas)
+            await astop_processes(replicas)

@@ -17,7 +17,7 @@ import yaml
 
 from proxy.demo import EchoServer, TokenServer
 from tests.conftest import proxy_config
-from tests.proxyproc import ProxyProcess, start_proxy, stop_processes
+from tests.proxyproc import ProxyProcess, astop_processes, start_proxy, stop_processes
 
 
 @pytest.fixture
@@ -140,4 +140,4 @@ async def test_sighup_reloads_without_dropping_and_keeps_the_old_config_when_inv
     assert await status_of(http, p.url("/echo2/x")) == 200
     assert await status_of(http, p.url("/echo/x")) == 200
     assert p.proc.poll() is None
-    assert stop_processes([p]) == [0]
+    assert await astop_processes([p]) == [0]

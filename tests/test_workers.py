@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.demo import EchoServer, TokenServer
 from tests.conftest import proxy_config
-from tests.proxyproc import ProxyProcess, start_proxy, stop_processes
+from tests.proxyproc import ProxyProcess, astop_processes, start_proxy
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ async def workers(
     assert p.log.read_text().count("authproxy is serving") == 2
     assert len(children(p.proc.pid)) == 2
     yield p, raw
-    stop_processes([p])
+    await astop_processes([p])
 
 
 async def requests_total(session: aiohttp.ClientSession, p: ProxyProcess) -> float:
@@ -158,5 +158,37 @@ async def test_sighup_during_worker_start_does_not_kill_it(
         assert p.log.read_text().count("authproxy is serving") == 2
         assert "worker exited" not in p.log.read_text()
     finally:
-        codes = stop_processes([p])
+        codes = await astop_processes([p])
     assert codes == [0]
+
+
+def test_the_supervisor_waits_as_long_as_a_worker_may_take_to_stop() -> None:
+    """A worker drains its requests, then lets a rotation in flight finish (up to the chain's
+    lease): the supervisor's SIGKILL must not come sooner, or that rotation's new refresh
+    token is lost."""
+    from proxy.chains import lease_ttl
+    from proxy.config import parse_config
+    from proxy.tokens import DRAIN_SECONDS
+    from proxy.workers import shutdown_bound
+
+    def config(**cred: Any) -> Any:
+        raw = {
+            "store": {"kind": "sqlite", "path": "/nonexistent/chains.db"},
+            "shutdown_grace": "20s",
+            "credentials": {
+                "po": {
+                    "grant": "refresh_token",
+                    "token_url": "http://127.0.0.1:9/token",
+                    "client_id": "c",
+                    "client_secret": {"env": "TEST_CLIENT_SECRET"},
+                    **cred,
+                }
+            },
+        }
+        return parse_config(raw)
+
+    short = config()  # the defaults: a lease shorter than the cache's own drain
+    assert shutdown_bound(short) >= 20 + DRAIN_SECONDS
+    slow = config(timeout="60s", rotation_grace="300s")  # a slow provider: a 65 s lease
+    assert lease_ttl(slow.credentials["po"]) > DRAIN_SECONDS
+    assert shutdown_bound(slow) >= 20 + lease_ttl(slow.credentials["po"])

@@ -133,7 +133,8 @@ class TokenCache:
         now = self._clock()
         if now >= token.usable_until:
             return None
-        if now >= token.refresh_at and key not in self._inflight:
+        if now >= token.refresh_at and key not in self._inflight and not self._closed:
+            # (A closed cache, after a reload, still serves the requests it had: no new fetch.)
             breaker = self.health[key.credential].breaker
             if breaker.acquire(now):
                 _ = self._start(key, None, probe=not breaker.closed)
@@ -190,7 +191,7 @@ class TokenCache:
             return False
         self._drop_token(key)
         breaker = self.health[key.credential].breaker
-        if key not in self._inflight and breaker.acquire(self._clock()):
+        if key not in self._inflight and not self._closed and breaker.acquire(self._clock()):
             _ = self._start(key, token, probe=not breaker.closed)
         return True
 
@@ -215,6 +216,11 @@ class TokenCache:
         for key, handle in previous._timers.items():
             if key.credential in credentials and key not in self._timers:
                 self._schedule(key, handle.when() - loop.time())  # e.g. a degraded retry
+        for key in previous._inflight:
+            if key.credential in credentials and key not in self._timers:
+                # Its outcome lands in the closed cache, which schedules nothing: if it fails
+                # (or leaves a rotation's outcome unknown), only this retry takes it up again.
+                self._schedule(key, MIN_REFRESH_INTERVAL)
         for name in credentials:
             if name in previous.health and name in self.health:
                 self.health[name] = previous.health[name]

@@ -204,6 +204,50 @@ async def test_background_retry_recovers_without_traffic(
         await cache.aclose()
 
 
+async def test_a_reload_during_a_background_retry_keeps_retrying_in_the_new_cache(
+    token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
+    """The provider is down and the timer's retry is in flight when a reload replaces the
+    cache. That retry fails in the old cache, which schedules nothing once closed: the new
+    cache must take up the retrying, without waiting for traffic."""
+    old, metrics = build(token_server, session, time.time)  # real time, for the timers
+    new = TokenCache(old._sources, metrics)
+    try:
+        token_server.outage = True
+        with pytest.raises(TokenUnavailable):
+            await old.get(KEY)
+        token_server.gate = asyncio.Event()
+        await token_server.wait_held(1)  # the background retry, about a second later
+        new.adopt(old, {"demo"})
+        closing = asyncio.ensure_future(old.aclose())  # waits for the retry in flight
+        token_server.gate.set()
+        token_server.gate = None
+        await closing  # the old retry failed (outage) after its cache closed
+        assert old._held(KEY) is None
+        token_server.outage = False
+        await poll(lambda: new._held(KEY) is not None, "a token from the new cache's retry")
+        assert new.health["demo"].state is CredentialState.OK
+    finally:
+        await old.aclose()
+        await new.aclose()
+
+
+async def test_a_closed_cache_serves_its_last_requests_a_token_due_for_refresh(
+    token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
+    """After a reload the old cache is closed while requests on the old pipeline finish. A
+    token past its refresh time but still usable is served; no new fetch is started."""
+    clock = Clock()
+    cache, _ = build(token_server, session, clock)
+    first = await cache.get(KEY)
+    await cache.aclose()
+    clock.now = first.refresh_at + 0.1  # due, still usable
+    assert cache.get_cached(KEY) is first
+    assert (await cache.get(KEY)) is first
+    assert cache.invalidate(KEY, first)  # a 401: dropped, and nothing started
+    assert token_server.requests == 1
+
+
 async def test_invalidate_drops_only_the_current_token(
     token_server: TokenServer, session: aiohttp.ClientSession
 ) -> None:

@@ -45,6 +45,10 @@ log = logging.getLogger("authproxy.chains")
 SHARED_SUBJECT = "\x00shared"
 MAX_CHAIN_MOVES = 3
 MIN_LEASE_TTL = 2.0
+# The provider has rotated and the new refresh token exists only in this process: its store
+# write is retried this long at least (past the lease too: the write is a compare-and-set on
+# the refresh token it replaces, so it can never overwrite a newer chain).
+WRITE_RETRY_SECONDS = 60.0
 
 
 def lease_ttl(cred: CredentialConfig) -> float:
@@ -54,6 +58,13 @@ def lease_ttl(cred: CredentialConfig) -> float:
     ttl = _call_budget(cred) + 5.0
     grace = cred.rotation_grace
     return min(ttl, max(MIN_LEASE_TTL, grace / 2)) if grace > 0 else ttl
+
+
+def longest_fetch(cred: CredentialConfig) -> float:
+    """The longest one rotation may take: waiting out another holder's lease, the provider
+    call, then retrying the store write (`WRITE_RETRY_SECONDS` at least)."""
+    lease, budget = lease_ttl(cred), _call_budget(cred)
+    return max(lease, budget) + 5.0 + budget + max(lease, WRITE_RETRY_SECONDS)
 
 
 def _call_budget(cred: CredentialConfig) -> float:
@@ -154,6 +165,10 @@ class RefreshChainSource:
     @property
     def lease_ttl(self) -> float:
         return lease_ttl(self.cred)
+
+    @property
+    def longest_fetch(self) -> float:
+        return longest_fetch(self.cred)
 
     @property
     def _call_budget(self) -> float:
@@ -329,10 +344,11 @@ class RefreshChainSource:
 
     async def _write_rotated(self, key: ChainKey, sent: ChainRecord, new: ChainRecord) -> bool:
         """Store the rotated chain. The provider has already revoked `sent`'s refresh token, so
-        a store that fails now is retried (bounded by the lease), and a chain that moved
-        without a newer token (only another process's intent or reauth mark, written while our
-        lease had lapsed) still takes ours. False: a newer token is stored; it wins."""
-        deadline = time.monotonic() + self.lease_ttl
+        a store that fails now is retried (for `WRITE_RETRY_SECONDS` or the lease, the longer:
+        a store failover outlasts a short lease), and a chain that moved without a newer token
+        (only another process's intent or reauth mark, written while our lease had lapsed)
+        still takes ours. False: a newer token is stored; it wins."""
+        deadline = time.monotonic() + max(self.lease_ttl, WRITE_RETRY_SECONDS)
         delay = 0.1
         expected = sent.version
         moves = 0

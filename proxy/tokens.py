@@ -44,7 +44,7 @@ from proxy.tasks import TaskOwner
 
 log = logging.getLogger("authproxy.tokens")
 
-DRAIN_SECONDS: Final = 15.0  # aclose() waits this long (or a chain's lease) for fetches
+DRAIN_SECONDS: Final = 15.0  # aclose() waits this long (or a rotation's longest) for fetches
 MIN_REFRESH_INTERVAL: Final = 1.0  # a refresh timer never fires sooner after a fetch
 
 
@@ -393,17 +393,20 @@ class TokenCache:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        inflight = list(self._inflight.values())
-        if inflight:
-            bound = drain_bound(getattr(src, "lease_ttl", 0.0) for src in self._sources.values())
-            _ = await asyncio.wait(inflight, timeout=bound)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_bound(
+            getattr(src, "longest_fetch", 0.0) for src in self._sources.values()
+        )
+        # Until none is left: requests still running on this cache may start fetches meanwhile.
+        while self._inflight and (remaining := deadline - loop.time()) > 0:
+            _ = await asyncio.wait(list(self._inflight.values()), timeout=remaining)
         await self._owner.aclose()
 
 
-def drain_bound(lease_ttls: Iterable[float]) -> float:
-    """How long closing a cache may wait for its fetches: a rotation in flight holds its chain's
-    lease, so it may take that long."""
-    return max([DRAIN_SECONDS, *lease_ttls])
+def drain_bound(longest_fetches: Iterable[float]) -> float:
+    """How long closing a cache may wait for its fetches: as long as the slowest could take (a
+    rotation cancelled between the provider's answer and the store write loses its chain)."""
+    return max([DRAIN_SECONDS, *longest_fetches])
 
 
 def _describe(exc: BaseException) -> str:

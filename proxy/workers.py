@@ -19,7 +19,7 @@ import time
 from types import FrameType
 from typing import Final
 
-from proxy.chains import lease_ttl
+from proxy.chains import longest_fetch
 from proxy.config import Config
 from proxy.logs import event
 from proxy.tokens import drain_bound
@@ -110,8 +110,8 @@ def shutdown_bound(config: Config) -> float:
     """How long a worker may take to stop: its requests drain (`shutdown_grace`), then the
     token fetches in flight finish (a rotation cut short by SIGKILL may lose its chain), then
     the store closes. The supervisor kills a worker only after this."""
-    leases = (lease_ttl(c) for c in config.credentials.values() if c.grant == "refresh_token")
-    return config.shutdown_grace + drain_bound(leases) + 5.0
+    fetches = (longest_fetch(c) for c in config.credentials.values() if c.grant == "refresh_token")
+    return config.shutdown_grace + drain_bound(fetches) + 5.0
 
 
 def _ignore_sighup() -> None:

@@ -299,6 +299,49 @@ async def test_closing_the_cache_lets_a_background_rotation_finish(
         await server.aclose()
 
 
+async def test_closing_the_cache_also_waits_for_rotations_started_while_it_drains(
+    store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    """While the old cache drains after a reload, a request still running on it asks for
+    another user's token and starts a rotation. The drain waits for that one too: cancelled
+    mid-call, the provider would commit it and the chain would be lost."""
+    server = TokenServer(client_secret=CLIENT_SECRET, expires_in=300, reuse_grace=0)
+    await server.start()
+    try:
+        engine = build(server, store, session, rotation_grace="0s")
+        bob = ChainKey("po", "bob")
+        await engine.chain.seed(KEY, Secret(server.seed_refresh_token("alice")))
+        await engine.chain.seed(bob, Secret(server.seed_refresh_token("bob")))
+        server.gate = asyncio.Event()
+        alice = asyncio.ensure_future(engine.cache.get(KEY))
+        await server.wait_held(1)
+        closing = asyncio.ensure_future(engine.cache.aclose())
+        await poll_until(lambda: engine.cache._closed, "the drain to begin")
+        server.fail_next(1, FaultKind.SLOW, delay=0.5)  # bob's call outlasts alice's
+        late = asyncio.ensure_future(engine.cache.get(bob))
+        await server.wait_held(2)
+        server.gate.set()
+        server.gate = None
+        await closing
+        assert server.is_valid((await alice).value.reveal())
+        token = await late
+        assert server.is_valid(token.value.reveal())
+        rec = await store.get(bob)
+        assert rec is not None and rec.rotating_since is None
+        assert rec.access_token is not None and rec.access_token.value == token.value
+        assert server.rotations["bob"] == 1 and server.invalid_grant == 0
+    finally:
+        await server.aclose()
+
+
+async def poll_until(predicate: Any, what: str, within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_reload_while_the_breaker_probes_leaves_it_usable(
     rotating_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession
 ) -> None:
@@ -354,15 +397,18 @@ async def test_a_live_holder_keeps_its_lease_through_a_slow_provider(
     assert rotating_server.grace_reuses == 0 and rotating_server.invalid_grant == 0
 
 
+@pytest.mark.parametrize("outage", ["short", "past_the_lease"])
 async def test_a_store_locked_at_the_final_write_does_not_lose_the_rotation(
-    rotating_server: TokenServer, session: aiohttp.ClientSession, tmp_path: Path
+    outage: str, rotating_server: TokenServer, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """The provider has rotated (the old refresh token is dead); the store is locked by
-    another writer just then. The write is retried, not dropped."""
+    another writer just then, for a moment or for longer than the rotation's lease (a store
+    failover). The write is retried, not dropped: the new refresh token exists nowhere else."""
     path = tmp_path / "locked.db"
     store = SqliteStore(path, busy_timeout=0.2)
     try:
-        engine = build(rotating_server, store, session)
+        engine = build(rotating_server, store, session, rotation_grace="4s")  # a 2 s lease
+        hold = 0.5 if outage == "short" else engine.chain.lease_ttl + 1.0
         await engine.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
         rotating_server.gate = asyncio.Event()
         fetch = asyncio.ensure_future(engine.cache.get(KEY))
@@ -371,7 +417,7 @@ async def test_a_store_locked_at_the_final_write_does_not_lose_the_rotation(
         other.execute("BEGIN IMMEDIATE")  # another process's write transaction
         rotating_server.gate.set()
         rotating_server.gate = None
-        await asyncio.sleep(0.5)  # it holds the lock past the busy timeout (simulated)
+        await asyncio.sleep(hold)  # the outage's length: past the busy timeout, or the lease
         other.execute("COMMIT")
         other.close()
         token = await fetch

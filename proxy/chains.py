@@ -91,7 +91,18 @@ class ClientCredentialsSource:
     async def fetch(self, key: ChainKey, *, reject: AccessToken | None) -> AccessToken:
         if self.store is None:
             return (await self.endpoint.client_credentials()).access_token
-        return await self._fetch_shared(reject)
+        try:
+            return await self._fetch_shared(reject)
+        except StoreError as exc:
+            # Sharing only saves token requests: without the store, fetch our own.
+            event(
+                log,
+                logging.WARNING,
+                "token",
+                f"fetching without sharing: {exc}",
+                credential=self.cred.name,
+            )
+            return (await self.endpoint.client_credentials()).access_token
 
     async def _fetch_shared(self, reject: AccessToken | None) -> AccessToken:
         """One fetch per expiry for the whole fleet: lease, re-check, fetch, publish."""

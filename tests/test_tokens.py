@@ -22,9 +22,11 @@ from proxy.metrics import Metrics
 from proxy.models import AccessToken, ChainKey, CredentialState, Secret
 from proxy.oauth import TokenEndpoint
 from proxy.runtime import Runtime
+from proxy.store_redis import RedisStore
 from proxy.tasks import TaskOwner
 from proxy.tokens import TokenCache
 from tests.conftest import ProxyFactory, proxy_config, proxy_url
+from tests.redis_fixture import free_port
 from tests.test_oauth import credential
 
 KEY = ChainKey("demo")
@@ -246,6 +248,26 @@ async def test_a_closed_cache_serves_its_last_requests_a_token_due_for_refresh(
     assert (await cache.get(KEY)) is first
     assert cache.invalidate(KEY, first)  # a 401: dropped, and nothing started
     assert token_server.requests == 1
+
+
+async def test_a_shared_token_is_fetched_directly_while_the_store_is_down(
+    token_server: TokenServer, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`share: true` only saves token requests across a fleet: with the store unreachable,
+    each process fetches its own token rather than failing its requests."""
+    metrics = Metrics(CollectorRegistry())
+    ep = TokenEndpoint(credential(token_server, share=True), lambda: session, metrics)
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    cache = TokenCache({"demo": ClientCredentialsSource(ep, store)}, metrics)
+    try:
+        token = await cache.get(KEY)
+        assert token_server.is_valid(token.value.reveal())
+        assert token_server.grants["client_credentials"] == 1
+        assert cache.health["demo"].state is CredentialState.OK
+        assert any("without sharing" in r.getMessage() for r in caplog.records)
+    finally:
+        await cache.aclose()
+        await store.aclose()
 
 
 async def test_invalidate_drops_only_the_current_token(

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from yarl import URL
 
 from proxy.demo_http import LoopbackServer, peer_cert
+from proxy.models import Secret
 
 JWT_BEARER: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 AUTH_METHODS: Final = frozenset(
@@ -316,10 +317,11 @@ class TokenServer(LoopbackServer):
 
     # -- inspection ------------------------------------------------------------------------
 
-    def is_valid(self, token: str) -> bool:
+    def is_valid(self, token: str | Secret) -> bool:
         """True for an access token that was issued, has not expired on the server's clock,
-        and whose family (if any) is not revoked."""
-        access = self._access.get(token)
+        and whose family (if any) is not revoked. Given as a `Secret`, a failing assertion
+        shows its fingerprint, not the token."""
+        access = self._access.get(token.reveal() if isinstance(token, Secret) else token)
         return access is not None and access.active(self.now())
 
     def issued_tokens(self) -> list[str]:

@@ -12,6 +12,7 @@ import yaml
 
 from proxy.config import load_config, parse_config, parse_duration, parse_size
 from proxy.errors import ConfigError
+from proxy.models import Secret
 
 UPSTREAM = "https://api.example.com/v1"
 
@@ -143,9 +144,9 @@ def test_file_secret_is_reread_when_it_changes(tmp_path: Path) -> None:
     raw["credentials"]["pay"]["client_secret"] = {"file": str(secret)}
     ref = parse_config(raw).credentials["pay"].client_secret
     assert ref is not None
-    assert ref.resolve().reveal() == "first-secret"
+    assert ref.resolve() == Secret("first-secret")
     secret.write_text("second-secret-longer\n")
-    assert ref.resolve().reveal() == "second-secret-longer"
+    assert ref.resolve() == Secret("second-secret-longer")
 
 
 def test_route_rules_are_validated() -> None:
@@ -207,7 +208,7 @@ def test_an_encrypted_private_key_has_its_password_key() -> None:
     del raw["credentials"]["pay"]["client_secret"]
     cred = parse_config(raw).credentials["pay"]
     assert cred.private_key_password is not None
-    assert cred.private_key_password.resolve().reveal() == "test-client-secret-9f8e7d6c"
+    assert cred.private_key_password.resolve() == Secret("test-client-secret-9f8e7d6c")
 
 
 def test_memory_store_is_refused_for_chains_shared_by_workers() -> None:
@@ -243,7 +244,7 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.store.path == tmp_path / "state" / "authproxy.db"
     ref = config.credentials["pay"].client_secret
-    assert ref is not None and ref.resolve().reveal() == "file-secret-value"
+    assert ref is not None and ref.resolve() == Secret("file-secret-value")
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

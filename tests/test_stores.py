@@ -117,9 +117,9 @@ async def test_seed_then_get_round_trips_every_field(store: ChainStore) -> None:
     assert await store.compare_and_set(full, expected_version=1)
     got = await store.get(KEY)
     assert got == full
-    assert got.refresh_token.reveal() == "rt-two"
+    assert got.refresh_token == Secret("rt-two")
     assert got.access_token is not None
-    assert got.access_token.value.reveal() == "at-one"
+    assert got.access_token.value == Secret("at-one")
 
 
 async def test_seed_replaces_and_resets_but_keeps_history(store: ChainStore) -> None:

@@ -110,7 +110,7 @@ async def test_refresh_ahead_of_expiry_without_a_waiting_request(
         await token_server.wait_requests(2)
         await poll(lambda: cache._held(KEY) is not first, "the refreshed token")
         second = await cache.get(KEY)
-        assert second.value != first.value and token_server.is_valid(second.value.reveal())
+        assert second.value != first.value and token_server.is_valid(second.value)
         assert cache_count(metrics, "miss") == 1 and cache_count(metrics, "hit") == 2
     finally:
         await cache.aclose()
@@ -261,7 +261,7 @@ async def test_a_shared_token_is_fetched_directly_while_the_store_is_down(
     cache = TokenCache({"demo": ClientCredentialsSource(ep, store)}, metrics)
     try:
         token = await cache.get(KEY)
-        assert token_server.is_valid(token.value.reveal())
+        assert token_server.is_valid(token.value)
         assert token_server.grants["client_credentials"] == 1
         assert cache.health["demo"].state is CredentialState.OK
         assert any("without sharing" in r.getMessage() for r in caplog.records)
@@ -316,7 +316,7 @@ async def test_aclose_lets_waited_fetches_finish(
     gate.set()
     token = await waiter
     await closing
-    assert token_server.is_valid(token.value.reveal())
+    assert token_server.is_valid(token.value)
 
 
 async def test_task_owner_cancels_what_is_left() -> None:

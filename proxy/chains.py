@@ -73,7 +73,8 @@ def _call_budget(cred: CredentialConfig) -> float:
 
 
 class _ChainMoved(Exception):
-    """The provider refused our token because the chain moved on without us: read it again."""
+    """A newer token was stored while we rotated (the provider refused ours, or our result lost
+    the write): read the chain again."""
 
 
 def _owner_id() -> str:
@@ -277,7 +278,7 @@ class RefreshChainSource:
             try:
                 return await self._call_provider(key, intent, interrupted)
             except _ChainMoved:
-                continue  # invalid_grant, but a newer token was stored meanwhile: use it
+                continue  # a newer token was stored meanwhile: use it
         raise TokenUnavailable(f"the chain {key} keeps moving; try again", retry_after=1.0)
 
     async def _intent_written(self, key: ChainKey, intent: ChainRecord, expected: int) -> bool:
@@ -327,8 +328,9 @@ class RefreshChainSource:
             last_error=None,
         )
         if not await self._write_rotated(key, rec, new):
-            # Another process stored a newer refresh token while our lease had lapsed. Its
-            # write wins; ours is dropped, loudly, so history shows the race.
+            # Another process stored a newer refresh token while our lease had lapsed, or the
+            # chain was seeded anew. Its write wins; ours is dropped, loudly, so history shows
+            # the race, and the caller gets a token of the stored chain, not of the old one.
             await self._history(
                 key,
                 "conflict",
@@ -343,7 +345,7 @@ class RefreshChainSource:
                 "the chain moved during a rotation",
                 credential=key.credential,
             )
-            return resp.access_token
+            raise _ChainMoved
         self._metrics.rotations.labels(key.credential).inc()
         if resp.refresh_token is not None:
             await self._history(

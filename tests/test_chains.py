@@ -153,7 +153,7 @@ async def test_lost_answer_is_recovered_within_the_grace_window(
     await engine.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
     rotating_server.fail_next(1, fault)
     token = await engine.cache.get(KEY)
-    assert rotating_server.is_valid(token.value.reveal())
+    assert rotating_server.is_valid(token.value)
     assert rotating_server.faults_served[fault] == 1
     assert rotating_server.grace_reuses == 1  # the retry used the same token and got the same pair
     assert rotating_server.invalid_grant == 0
@@ -175,14 +175,14 @@ async def test_transient_failure_without_answer_keeps_the_chain(
         await engine.cache.get(KEY)
     rec = await store.get(KEY)
     assert rec is not None
-    assert rec.refresh_token.reveal() == seed  # kept, not wiped
+    assert rec.refresh_token == Secret(seed)  # kept, not wiped
     assert rec.state is CredentialState.OK
     assert rec.rotating_since is None
     assert rec.last_error is not None
     rotating_server.outage = False
     engine.clock.now += 60  # past the breaker's cooldown
     token = await engine.cache.get(KEY)
-    assert rotating_server.is_valid(token.value.reveal())
+    assert rotating_server.is_valid(token.value)
     assert rotating_server.invalid_grant == 0
 
 
@@ -199,7 +199,7 @@ async def test_invalid_grant_marks_reauth_required_and_keeps_the_token(
     rec = await store.get(KEY)
     assert rec is not None
     assert rec.state is CredentialState.REAUTH_REQUIRED
-    assert rec.refresh_token.reveal() == seed  # kept for diagnosis
+    assert rec.refresh_token == Secret(seed)  # kept for diagnosis
     history = await store.history(KEY, 5)
     assert history[0].event == "reauth_required"
     assert history[0].token_fingerprint == Secret(seed).fingerprint()
@@ -211,7 +211,7 @@ async def test_invalid_grant_marks_reauth_required_and_keeps_the_token(
     await engine.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
     engine.cache.forget(KEY)
     token = await engine.cache.get(KEY)
-    assert rotating_server.is_valid(token.value.reveal())
+    assert rotating_server.is_valid(token.value)
 
 
 async def test_invalid_grant_after_another_writer_moved_the_chain_uses_the_new_one(
@@ -230,7 +230,7 @@ async def test_invalid_grant_after_another_writer_moved_the_chain_uses_the_new_o
     gate.set()
     rotating_server.gate = None
     token = await pending  # the refused call is followed at once by one with the newer token
-    assert rotating_server.is_valid(token.value.reveal())
+    assert rotating_server.is_valid(token.value)
     assert rotating_server.invalid_grant == 1
     rec = await store.get(KEY)
     assert rec is not None
@@ -253,14 +253,14 @@ async def test_cancelled_requests_do_not_cancel_the_rotation(
     gate.set()
     rotating_server.gate = None
     results = await asyncio.gather(*waiters, return_exceptions=True)
-    tokens = {r.value.reveal() for r in results if not isinstance(r, BaseException)}
+    tokens = {r.value for r in results if not isinstance(r, BaseException)}  # Secrets
     assert len(tokens) == 1
     assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 10
     assert rotating_server.rotations["alice"] == 1
     rec = await store.get(KEY)
     assert rec is not None
     assert rec.access_token is not None
-    assert rec.access_token.value.reveal() in tokens
+    assert rec.access_token.value in tokens
 
 
 async def test_closing_the_cache_lets_a_background_rotation_finish(
@@ -292,7 +292,7 @@ async def test_closing_the_cache_lets_a_background_rotation_finish(
         successor = build(server, store, session, rotation_grace="0s")
         successor.clock.now = engine.clock.now + 100  # the held token has expired
         token = await successor.cache.get(KEY)
-        assert server.is_valid(token.value.reveal())
+        assert server.is_valid(token.value)
         assert server.invalid_grant == 0 and server.revoked_families == 0
         await successor.cache.aclose()
     finally:
@@ -323,9 +323,9 @@ async def test_closing_the_cache_also_waits_for_rotations_started_while_it_drain
         server.gate.set()
         server.gate = None
         await closing
-        assert server.is_valid((await alice).value.reveal())
+        assert server.is_valid((await alice).value)
         token = await late
-        assert server.is_valid(token.value.reveal())
+        assert server.is_valid(token.value)
         rec = await store.get(bob)
         assert rec is not None and rec.rotating_since is None
         assert rec.access_token is not None and rec.access_token.value == token.value
@@ -369,7 +369,7 @@ async def test_a_reload_while_the_breaker_probes_leaves_it_usable(
     await closing
     new.clock.now += 100  # the held token has expired
     token = await new.cache.get(KEY)
-    assert rotating_server.is_valid(token.value.reveal())
+    assert rotating_server.is_valid(token.value)
     await new.cache.aclose()
 
 
@@ -424,7 +424,7 @@ async def test_a_store_locked_at_the_final_write_does_not_lose_the_rotation(
         rec = await store.get(KEY)
         assert rec is not None and rec.rotating_since is None
         assert rec.access_token is not None and rec.access_token.value == token.value
-        assert rotating_server.is_valid(token.value.reveal())
+        assert rotating_server.is_valid(token.value)
         history = [(h.event, h.outcome) for h in await store.history(KEY, 5)]
         assert history[0] == ("rotate", "success")
     finally:
@@ -456,8 +456,8 @@ async def test_a_write_that_ran_but_lost_its_answer_is_not_a_race_or_an_interrup
         rec = await store.get(KEY)
         assert rec is not None and rec.state is CredentialState.OK and rec.rotating_since is None
         assert rec.access_token is not None and rec.access_token.value == token.value
-        assert rec.refresh_token.reveal() != seed
-        assert rotating_server.is_valid(token.value.reveal())
+        assert rec.refresh_token != Secret(seed)
+        assert rotating_server.is_valid(token.value)
         history = [(h.event, h.outcome) for h in await store.history(KEY, 5)]
         assert history[0] == ("rotate", "success")
         assert ("conflict", "lost_race") not in history
@@ -472,6 +472,34 @@ async def test_a_write_that_ran_but_lost_its_answer_is_not_a_race_or_an_interrup
         await engine.cache.aclose()
         await store.aclose()
         await relay.aclose()
+
+
+async def test_a_chain_seeded_anew_during_a_rotation_is_the_one_served(
+    rotating_server: TokenServer, store: ChainStore, session: aiohttp.ClientSession
+) -> None:
+    """Someone seeds alice's chain anew (a re-authorisation) while a rotation of the old chain
+    waits on the provider. The old chain's result loses the store write, and the caller gets
+    a token of the newly seeded chain, not one of the chain that was replaced."""
+    engine = build(rotating_server, store, session)
+    await engine.chain.seed(KEY, Secret(rotating_server.seed_refresh_token("alice")))
+    rotating_server.gate = asyncio.Event()
+    fetch = asyncio.ensure_future(engine.cache.get(KEY))
+    await rotating_server.wait_held(1)
+    reseed = rotating_server.seed_refresh_token("alice")
+    await engine.chain.seed(KEY, Secret(reseed))
+    engine.cache.forget(KEY)  # as the admin API does after a seed
+    rotating_server.gate.set()
+    rotating_server.gate = None
+    token = await fetch
+    rec = await store.get(KEY)
+    assert rec is not None and rec.refresh_token != Secret(reseed)  # the new chain rotated
+    assert rec.access_token is not None and rec.access_token.value == token.value
+    assert rotating_server.is_valid(token.value)
+    history = [(h.event, h.outcome) for h in await store.history(KEY, 5)]
+    assert ("conflict", "lost_race") in history
+    assert engine.cache.get_cached(KEY) is not None
+    assert engine.cache.get_cached(KEY) == token
+    await engine.cache.aclose()
 
 
 async def test_one_users_failure_does_not_show_their_id_to_other_users(

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import StoreError
 from proxy.logs import event
-from proxy.models import SUBJECT_RULE, ChainKey, Secret, is_valid_subject
+from proxy.models import SUBJECT_RULE, ChainKey, Secret, subject_problem
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -115,7 +115,7 @@ async def seed(request: web.Request) -> web.Response:
         return _json_error(400, "bad_request", "refresh_token must be a non-empty string")
     if subject is not None and not isinstance(subject, str):
         return _json_error(400, "bad_request", f"subject must be a string of {SUBJECT_RULE}")
-    problem = _subject_problem(name, cred.subject_header, subject)
+    problem = subject_problem(name, cred.subject_header, subject, field="the subject")
     if problem:
         return _json_error(400, "bad_request", problem)
     unknown = set(body) - {"refresh_token", "subject"}
@@ -143,23 +143,11 @@ async def refresh(request: web.Request) -> web.Response:
     if cred is None:
         return _json_error(404, "not_found", f"no credential named {name!r}")
     subject = request.query.get("subject")
-    problem = _subject_problem(name, cred.subject_header, subject)
+    problem = subject_problem(name, cred.subject_header, subject, field="the subject")
     if problem:
         return _json_error(400, "bad_request", problem)
     started = runtime.refresh_now(ChainKey(name, subject))
     return web.json_response({"credential": name, "started": started}, status=202)
-
-
-def _subject_problem(name: str, subject_header: str | None, subject: str | None) -> str | None:
-    """A per-user credential needs the subject (its chains are per user); others refuse one."""
-    if subject_header and subject is None:
-        return f"{name} keeps one chain per user ({subject_header}): give the subject"
-    if subject is not None and not subject_header:
-        return f"{name} has no subject_header; omit subject"
-    if subject is not None and not is_valid_subject(subject):
-        # The subject header can carry nothing else: such a chain could never be used.
-        return f"subject must be {SUBJECT_RULE}"
-    return None
 
 
 def admin_app(runtime: Runtime) -> web.Application:

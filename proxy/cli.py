@@ -17,7 +17,7 @@ from typing import Any, Final
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, StoreError
 from proxy.logs import setup_logging, shutdown_logging
-from proxy.models import SUBJECT_RULE, is_valid_subject
+from proxy.models import subject_problem
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_ATTENTION = 0, 1, 2, 3
 
@@ -156,20 +156,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    if args.subject and not cred.subject_header:
-        print(
-            f"authproxy: {args.credential} has no subject_header; omit --subject", file=sys.stderr
-        )
-        return EXIT_USAGE
-    if cred.subject_header and not args.subject:
-        print(
-            f"authproxy: {args.credential} keeps one chain per user ({cred.subject_header}); "
-            "give --subject",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    if args.subject and not is_valid_subject(args.subject):
-        print(f"authproxy: --subject must be {SUBJECT_RULE}", file=sys.stderr)
+    problem = subject_problem(args.credential, cred.subject_header, args.subject, field="--subject")
+    if problem:
+        print(f"authproxy: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if config.store.kind == "memory":
         print(

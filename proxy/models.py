@@ -75,6 +75,22 @@ def is_valid_subject(subject: str) -> bool:
     return _SUBJECT.fullmatch(subject) is not None
 
 
+def subject_problem(
+    name: str, subject_header: str | None, subject: str | None, *, field: str = "subject"
+) -> str | None:
+    """Why `subject` cannot name a chain of credential `name`, or None. A per-user credential
+    needs one (its chains are per user), others refuse one; `field` is what the caller calls
+    it (the admin API's `subject`, the command line's `--subject`)."""
+    if subject_header and subject is None:
+        return f"{name} keeps one chain per user ({subject_header}): give {field}"
+    if subject is not None and not subject_header:
+        return f"{name} has no subject_header; omit {field}"
+    if subject is not None and not is_valid_subject(subject):
+        # The subject header can carry nothing else: such a chain could never be used.
+        return f"{field} must be {SUBJECT_RULE}"
+    return None
+
+
 # Refresh timing rules of SPEC section 3.
 REFRESH_AT_FRACTION: Final = 0.8
 REFRESH_LEAD_SECONDS: Final = 60.0

@@ -138,8 +138,9 @@ class Scrubber(logging.Filter):
         # A token with reserved characters also appears percent-encoded (form bodies).
         for v in (value, encoded) if encoded != value else (value,):
             bucket = self._tokens if _TOKEN_SHAPED.fullmatch(v) else self._odd_tokens
-            bucket[v] = None
-            self._generation += 1
+            if v not in bucket:  # a known one (a refresh token used again) changes no result
+                bucket[v] = None
+                self._generation += 1
             bucket.move_to_end(v)
             while len(bucket) > self._max_tokens:
                 bucket.popitem(last=False)

@@ -642,3 +642,15 @@ def test_an_access_line_built_before_a_token_was_learnt_is_rebuilt_after() -> No
     del before["path"], after["path"]
     assert after == before  # every other field as it was
     assert (after["event"], after["route"], after["status"]) == ("access", "api", 200)
+
+
+def test_registering_a_known_token_again_keeps_cached_scrubs() -> None:
+    """A refresh token is registered when seeded and again on every use: only a new secret
+    can change what must be redacted, so only a new one empties the caches."""
+    token = "tst-known-" + "E" * 24
+    scrubber().add_token(token)
+    before = scrubber().generation
+    scrubber().add_token(token)
+    assert scrubber().generation == before
+    scrubber().add_token(token + "-new")
+    assert scrubber().generation > before

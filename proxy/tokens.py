@@ -133,7 +133,7 @@ class TokenCache:
         now = self._clock()
         if now >= token.usable_until:
             return None
-        if now >= token.refresh_at and key not in self._inflight and not self._closed:
+        if now >= token.refresh_at and self._running(key) is None and not self._closed:
             # (A closed cache, after a reload, still serves the requests it had: no new fetch.)
             breaker = self.health[key.credential].breaker
             if breaker.acquire(now):
@@ -150,12 +150,7 @@ class TokenCache:
             return token
         now = self._clock()
         breaker = self.health[key.credential].breaker
-        task = self._inflight.get(key)
-        if task is not None and task.done():
-            # It ended in this loop step and its cleanup runs next. Its answer is not for us:
-            # a success is held already (get_cached would have served it), a stale token has
-            # expired since. `_start` replaces the entry; the cleanup leaves a successor alone.
-            task = None
+        task = self._running(key)
         if task is None:
             if not breaker.acquire(now):
                 raise TokenUnavailable(
@@ -191,7 +186,7 @@ class TokenCache:
             return False
         self._drop_token(key)
         breaker = self.health[key.credential].breaker
-        if key not in self._inflight and not self._closed and breaker.acquire(self._clock()):
+        if self._running(key) is None and not self._closed and breaker.acquire(self._clock()):
             _ = self._start(key, token, probe=not breaker.closed)
         return True
 
@@ -241,7 +236,7 @@ class TokenCache:
 
         The held token is passed as `reject`, so the source really calls the provider (a
         chain rotates) instead of handing back the token it already stored."""
-        if key in self._inflight:
+        if self._running(key) is not None:
             return False
         _ = self._start(key, self._held(key), probe=False)
         return True
@@ -263,6 +258,14 @@ class TokenCache:
         self._inflight[key] = task
         task.add_done_callback(lambda t: self._fetch_done(key, t, probe))
         return task
+
+    def _running(self, key: ChainKey) -> asyncio.Task[AccessToken] | None:
+        """The fetch in flight for `key`. One that has ended is not, though its entry stays
+        until its done-callback runs, a loop step later: a request in that step must not take
+        its answer (a success is held already; a stale token served on failure may have
+        expired since). `_start` replaces the entry; the callback leaves a successor alone."""
+        task = self._inflight.get(key)
+        return task if task is not None and not task.done() else None
 
     def _fetch_done(self, key: ChainKey, task: asyncio.Task[AccessToken], probe: bool) -> None:
         """However the fetch ended (also cancelled before its first step, by an engine closing
@@ -342,7 +345,7 @@ class TokenCache:
 
     def _timer_fired(self, key: ChainKey) -> None:
         self._timers.pop(key, None)
-        if self._closed or key in self._inflight:
+        if self._closed or self._running(key) is not None:
             return
         breaker = self.health[key.credential].breaker
         now = self._clock()

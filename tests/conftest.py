@@ -3,6 +3,7 @@ with a secret scan, a trustme CA, a real redis-server, and a clean proxy environ
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
@@ -162,3 +163,14 @@ def repo_root() -> Path:
 @pytest.fixture
 def venv_bin(repo_root: Path) -> Path:
     return Path(os.environ.get("VIRTUAL_ENV", repo_root / ".venv")) / "bin"
+
+
+async def poll(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    """Wait, bounded, until `predicate()` holds: for state the test cannot await directly
+    (a background task's effect); `AssertionError` naming `what` after `within` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)

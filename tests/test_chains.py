@@ -30,7 +30,7 @@ from proxy.store_memory import MemoryStore
 from proxy.store_redis import _SET_IF_VERSION, RedisStore
 from proxy.store_sqlite import SqliteStore
 from proxy.tokens import TokenCache
-from tests.conftest import CLIENT_SECRET
+from tests.conftest import CLIENT_SECRET, poll
 from tests.redis_fixture import ReplyLosingRelay, redis_url
 
 __all__ = ["redis_url"]  # a fixture used here, imported for pytest
@@ -316,7 +316,7 @@ async def test_closing_the_cache_also_waits_for_rotations_started_while_it_drain
         alice = asyncio.ensure_future(engine.cache.get(KEY))
         await server.wait_held(1)
         closing = asyncio.ensure_future(engine.cache.aclose())
-        await poll_until(lambda: engine.cache._closed, "the drain to begin")
+        await poll(lambda: engine.cache._closed, "the drain to begin")
         server.fail_next(1, FaultKind.SLOW, delay=0.5)  # bob's call outlasts alice's
         late = asyncio.ensure_future(engine.cache.get(bob))
         await server.wait_held(2)
@@ -332,14 +332,6 @@ async def test_closing_the_cache_also_waits_for_rotations_started_while_it_drain
         assert server.rotations["bob"] == 1 and server.invalid_grant == 0
     finally:
         await server.aclose()
-
-
-async def poll_until(predicate: Any, what: str, within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_reload_while_the_breaker_probes_leaves_it_usable(

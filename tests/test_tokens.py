@@ -25,7 +25,7 @@ from proxy.runtime import Runtime
 from proxy.store_redis import RedisStore
 from proxy.tasks import TaskOwner
 from proxy.tokens import TokenCache
-from tests.conftest import ProxyFactory, proxy_config, proxy_url
+from tests.conftest import ProxyFactory, poll, proxy_config, proxy_url
 from tests.redis_fixture import free_port
 from tests.test_oauth import credential
 
@@ -64,15 +64,6 @@ def cache_count(metrics: Metrics, result: str) -> float:
         "authproxy_token_cache_total", {"credential": "demo", "result": result}
     )
     return value or 0.0
-
-
-async def poll(predicate: Any, what: str, within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize(
